@@ -1,0 +1,29 @@
+// Checks and helpers shared by every kernel file (CPU and CUDA host code).
+#pragma once
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+namespace skipfast {
+
+// Layout the kernels write: channels_last when the input's channels are its innermost
+// dimension, else contiguous. skipfast/_layout.py (used by the fake kernels) has the same rule.
+inline at::MemoryFormat layout_of(const at::Tensor& t) {
+  if (t.dim() == 4 && t.stride(1) == 1 && !t.is_contiguous()) return at::MemoryFormat::ChannelsLast;
+  return at::MemoryFormat::Contiguous;
+}
+
+inline void check_same_shape(const char* op, const char* name, const at::Tensor& a, const at::Tensor& ref) {
+  TORCH_CHECK(a.sizes() == ref.sizes(), op, ": ", name, " must have shape ", ref.sizes(),
+              " (the shape of x), got ", a.sizes());
+  TORCH_CHECK(a.scalar_type() == ref.scalar_type(), op, ": ", name, " must have dtype ",
+              ref.scalar_type(), " (the dtype of x), got ", a.scalar_type());
+  TORCH_CHECK(a.device() == ref.device(), op, ": ", name, " must be on ", ref.device(),
+              " (the device of x), got ", a.device());
+}
+
+inline void check_floating(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
+              " must be a floating-point tensor, got ", t.scalar_type());
+}
+
+}  // namespace skipfast

@@ -1,0 +1,30 @@
+// skipfast._C: every op schema, once. Kernels register per dispatch key in
+// csrc/cpu/*.cpp and csrc/cuda/*.cu; fake kernels and autograd live in skipfast/ops.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import skipfast._C` loads this library, which runs the registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  PyObject* mod = PyModule_Create(&module_def);
+  if (mod == nullptr) return nullptr;
+#ifdef SKIPFAST_WITH_CUDA
+  PyModule_AddIntConstant(mod, "with_cuda", 1);
+#else
+  PyModule_AddIntConstant(mod, "with_cuda", 0);
+#endif
+#ifdef CPU_CAPABILITY_AVX2
+  PyModule_AddStringConstant(mod, "cpu_capability", "avx2");
+#else
+  PyModule_AddStringConstant(mod, "cpu_capability", "default");
+#endif
+  return mod;
+}
+}
+
+TORCH_LIBRARY(skipfast, m) {
+  // ---- add_relu: relu(x + residual) ----
+  m.def("add_relu(Tensor x, Tensor residual) -> Tensor");
+  m.def("add_relu_backward(Tensor grad_out, Tensor out) -> Tensor");
+}

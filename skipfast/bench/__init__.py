@@ -1,0 +1,1 @@
+"""``python -m skipfast.bench``: eager reference vs skipfast, side by side."""

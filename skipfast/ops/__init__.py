@@ -1,0 +1,6 @@
+"""Functional ops. Each family's module holds its wrapper, fake kernel, autograd and
+eager reference (``<op>_reference``)."""
+from .add_relu import add_relu, add_relu_reference
+from .highway import highway, highway_reference
+
+__all__ = ["add_relu", "add_relu_reference", "highway", "highway_reference"]
