@@ -27,4 +27,14 @@ TORCH_LIBRARY(skipfast, m) {
   // ---- add_relu: relu(x + residual) ----
   m.def("add_relu(Tensor x, Tensor residual) -> Tensor");
   m.def("add_relu_backward(Tensor grad_out, Tensor out) -> Tensor");
+
+  // ---- bn_act: batch norm (+ residual) (+ relu) ----
+
+  // ---- dense: concat-free dense blocks ----
+
+  // ---- conv: convolution with fused bias + residual + relu epilogue ----
+
+  // ---- highway: h * t + x * (1 - t) ----
+
+  // ---- unet: two-source decoder convolution ----
 }
