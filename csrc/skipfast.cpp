@@ -33,6 +33,8 @@ TORCH_LIBRARY(skipfast, m) {
   // ---- dense: concat-free dense blocks ----
 
   // ---- conv: convolution with fused bias + residual + relu epilogue ----
+  m.def("conv2d_bias_act(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+        "int[2] dilation, int groups, Tensor? residual, str? activation) -> Tensor");
 
   // ---- highway: h * t + x * (1 - t) ----
 

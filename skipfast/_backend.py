@@ -35,7 +35,11 @@ except ImportError as exc:  # pragma: no cover - exercised by the no-extension t
     )
 
 # Families whose CUDA priority differs from the default are listed with the reason.
-CUDA_PRIORITY: dict[str, tuple[str, ...]] = {}
+CUDA_PRIORITY: dict[str, tuple[str, ...]] = {
+    # The Triton implicit GEMM writes its output once with bias, residual and ReLU
+    # applied; the C++ path is cuDNN's convolution plus one more pass over the output.
+    "conv": ("triton", "cpp"),
+}
 DEFAULT_CUDA_PRIORITY = ("cpp", "triton")
 
 

@@ -1,5 +1,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
@@ -15,6 +16,7 @@ constexpr int64_t kGrain = 32768;
 template <typename scalar_t>
 void add_relu_loop(const scalar_t* x, const scalar_t* r, scalar_t* out, int64_t n) {
   using Vec = at::vec::Vectorized<scalar_t>;
+  using acc_t = at::opmath_type<scalar_t>;
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
     int64_t i = begin;
     if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
@@ -25,7 +27,7 @@ void add_relu_loop(const scalar_t* x, const scalar_t* r, scalar_t* out, int64_t 
       }
     }
     for (; i < end; ++i) {
-      out[i] = static_cast<scalar_t>(add_relu<float>(static_cast<float>(x[i]), static_cast<float>(r[i])));
+      out[i] = static_cast<scalar_t>(add_relu<acc_t>(static_cast<acc_t>(x[i]), static_cast<acc_t>(r[i])));
     }
   });
 }

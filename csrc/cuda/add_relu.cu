@@ -1,5 +1,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <torch/library.h>
 
 #include "add_relu.h"
@@ -15,6 +16,7 @@ __global__ void add_relu_kernel(const scalar_t* __restrict__ x, const scalar_t* 
                                 scalar_t* __restrict__ out, int64_t n, bool vectorized) {
   constexpr int V = vec16<scalar_t>();
   using P = Pack<scalar_t, V>;
+  using acc_t = at::opmath_type<scalar_t>;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   int64_t done = 0;
@@ -26,14 +28,14 @@ __global__ void add_relu_kernel(const scalar_t* __restrict__ x, const scalar_t* 
       P o;
 #pragma unroll
       for (int k = 0; k < V; ++k) {
-        o.v[k] = static_cast<scalar_t>(add_relu<float>(static_cast<float>(a.v[k]), static_cast<float>(b.v[k])));
+        o.v[k] = static_cast<scalar_t>(add_relu<acc_t>(static_cast<acc_t>(a.v[k]), static_cast<acc_t>(b.v[k])));
       }
       reinterpret_cast<P*>(out)[p] = o;
     }
     done = packs * V;
   }
   for (int64_t i = done + tid; i < n; i += stride) {
-    out[i] = static_cast<scalar_t>(add_relu<float>(static_cast<float>(x[i]), static_cast<float>(r[i])));
+    out[i] = static_cast<scalar_t>(add_relu<acc_t>(static_cast<acc_t>(x[i]), static_cast<acc_t>(r[i])));
   }
 }
 

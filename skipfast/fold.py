@@ -1,0 +1,90 @@
+"""Folding an eval-mode BatchNorm into the convolution before it.
+
+``fold_bn(conv, bn)`` returns the folded ``(weight, bias)``: ``w' = w * g / sqrt(v + eps)``
+per output channel and ``b' = (b - m) * g / sqrt(v + eps) + beta``, computed in float64
+and rounded once to the weight's dtype.
+
+``FoldedConvBN`` keeps that fold (and, on CPU, oneDNN's prepacked weight) for a module
+pair and recomputes it whenever any source tensor changed: it keys the cache on each
+tensor's identity, storage, version counter (bumped by every in-place update: an
+optimizer step, ``load_state_dict``, a running-stat update), dtype and device.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .ops import conv as conv_ops
+
+
+def fold_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight and bias of ``conv`` followed by ``bn`` in eval mode."""
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"skipfast.fold_bn: conv must be an nn.Conv2d, got {type(conv).__name__}")
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        raise TypeError(f"skipfast.fold_bn: bn must be a BatchNorm module, got {type(bn).__name__}")
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("skipfast.fold_bn: bn has no running statistics (track_running_stats=False), so its eval "
+                         "output depends on the batch and cannot be folded")
+    if bn.num_features != conv.out_channels:
+        raise ValueError(f"skipfast.fold_bn: bn has {bn.num_features} features but conv has {conv.out_channels} "
+                         "output channels")
+    with torch.no_grad():
+        w = conv.weight.double()
+        scale = torch.rsqrt(bn.running_var.double() + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.double()
+        bias = -bn.running_mean.double() * scale
+        if conv.bias is not None:
+            bias = bias + conv.bias.double() * scale
+        if bn.bias is not None:
+            bias = bias + bn.bias.double()
+        weight = (w * scale.view(-1, 1, 1, 1)).to(conv.weight.dtype)
+        return weight, bias.to(conv.weight.dtype)
+
+
+def _key(conv, bn):
+    parts = [bn.eps]
+    for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var):
+        parts.append(None if t is None else (id(t), t.data_ptr(), t._version, t.dtype, t.device))
+    return tuple(parts)
+
+
+class FoldedConvBN:
+    """Eval-mode ``act(bn(conv(x)) + residual)`` as one ``conv2d_bias_act`` call with the
+    BN folded into the convolution. Holds no state of its own but the cache."""
+
+    def __init__(self):
+        self._key = None
+        self._weight = self._bias = None
+
+    def folded(self, conv: nn.Conv2d, bn) -> tuple[torch.Tensor, torch.Tensor]:
+        key = _key(conv, bn)
+        if key != self._key:
+            weight, bias = fold_bn(conv, bn)
+            self._weight = conv_ops.prepack_weight(weight, stride=conv.stride, padding=conv.padding,
+                                                   dilation=conv.dilation, groups=conv.groups)
+            self._bias, self._key = bias, key
+        return self._weight, self._bias
+
+    def __call__(self, conv: nn.Conv2d, bn, x: torch.Tensor, residual: torch.Tensor | None = None,
+                 activation: str | None = "relu") -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            weight, bias = fold_bn(conv, bn)  # traced into the graph, no Python-side cache
+        else:
+            weight, bias = self.folded(conv, bn)
+        return conv_ops.conv2d_bias_act(x, weight, bias, stride=conv.stride, padding=conv.padding,
+                                        dilation=conv.dilation, groups=conv.groups, residual=residual,
+                                        activation=activation)
+
+    def __getstate__(self):  # deepcopy / pickle: the cache is rebuilt on first use
+        return {"_key": None, "_weight": None, "_bias": None}
+
+
+def can_fold(conv, bn, x: torch.Tensor) -> bool:
+    """Eval-mode folding applies: running stats exist, no grad is needed, x has the
+    weights' dtype (under autocast the unfused path casts as torch does), zero padding."""
+    return (not bn.training and bn.running_mean is not None and conv.padding_mode == "zeros"
+            and isinstance(conv.padding, tuple) and x.dtype == conv.weight.dtype
+            and not torch.is_autocast_enabled(x.device.type)
+            and not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)))

@@ -1,0 +1,127 @@
+"""conv2d_bias_act: ``act(conv2d(x, weight) + bias + residual)`` for inference.
+
+- schema ``skipfast::conv2d_bias_act`` in csrc/skipfast.cpp;
+- CPU (csrc/cpu/conv.cpp): oneDNN convolution with fused post-ops (bias, add, ReLU) for
+  float32/bfloat16, the weight optionally prepacked once (``prepack_weight``); other dtypes:
+  ATen convolution + one fused epilogue pass;
+- CUDA (csrc/cuda/conv.cu): cuDNN convolution + one fused epilogue pass;
+- Triton (``skipfast::conv2d_bias_act_triton``, skipfast/kernels/conv.py): implicit GEMM
+  with the epilogue fused before the store, groups=1.
+
+On CUDA the priority list (skipfast/_backend.py, family ``conv``) tries Triton first for
+groups=1, since its epilogue saves a full read and write of the output that the cuDNN
+path pays; groups>1 always takes the cuDNN path. This op is for inference: it has no
+autograd formula, and calling it on tensors that require grad raises.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _backend, _layout
+from . import _checks
+
+OP = "skipfast.conv2d_bias_act"
+
+
+def _pair(v, name):
+    if isinstance(v, int):
+        return [v, v]
+    v = list(v)
+    if len(v) != 2 or not all(isinstance(i, int) for i in v):
+        raise ValueError(f"{OP}: {name} must be an int or a pair of ints, got {v!r}")
+    return v
+
+
+def conv2d_bias_act_reference(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, residual=None,
+                              activation="relu"):
+    y = torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    if residual is not None:
+        y = y + residual
+    return torch.relu(y) if activation == "relu" else y
+
+
+def _validate(x, weight, bias, stride, padding, dilation, groups, residual, activation):
+    _checks.tensor(OP, "x", x, dims=4)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+        raise ValueError(f"{OP}: weight must be a 4-D tensor [K, C/groups, R, S], got "
+                         f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"{OP}: weight must have the dtype of x ({x.dtype}), got {weight.dtype} "
+                        "(under autocast, cast both or run the module under autocast)")
+    if not isinstance(groups, int) or groups < 1 or x.shape[1] != weight.shape[1] * groups or weight.shape[0] % groups:
+        raise ValueError(f"{OP}: x has {x.shape[1]} channels but weight {tuple(weight.shape)} with groups={groups!r} "
+                         f"expects {weight.shape[1] * groups if isinstance(groups, int) else '?'}")
+    if bias is not None:
+        _checks.tensor(OP, "bias", bias, dims=1)
+        if bias.shape[0] != weight.shape[0] or bias.dtype != x.dtype:
+            raise ValueError(f"{OP}: bias must be [{weight.shape[0]}] of dtype {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    if activation not in ("relu", None):
+        raise ValueError(f"{OP}: activation must be 'relu' or None, got {activation!r}")
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    n, _, h, w = x.shape
+    out = [n, weight.shape[0]] + [
+        (size + 2 * padding[d] - dilation[d] * (weight.shape[2 + d] - 1) - 1) // stride[d] + 1 for d, size in enumerate((h, w))
+    ]
+    if min(out[2:]) <= 0:
+        raise ValueError(f"{OP}: the kernel {tuple(weight.shape[2:])} does not fit x {tuple(x.shape)} with padding {padding}")
+    if residual is not None:
+        _checks.tensor(OP, "residual", residual)
+        if list(residual.shape) != out:
+            raise ValueError(f"{OP}: residual must have the output's shape {tuple(out)}, got {tuple(residual.shape)}")
+        if residual.dtype != x.dtype or residual.device != x.device:
+            raise TypeError(f"{OP}: residual must have dtype {x.dtype} on {x.device}, got {residual.dtype} on {residual.device}")
+    return stride, padding, dilation, out
+
+
+def conv2d_bias_act(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, residual=None,
+                    activation="relu"):
+    """``act(conv2d(x, weight, bias, stride, padding, dilation, groups) + residual)``, one
+    pass over the output. ``weight`` may be a prepacked weight from ``prepack_weight``."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
+        raise RuntimeError(f"{OP} is an inference op with no backward: call it under torch.no_grad() or "
+                           "torch.inference_mode(), or use the training path (conv -> skipfast.ops.batch_norm_act)")
+    if weight.is_mkldnn:
+        stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    else:
+        stride, padding, dilation, _ = _validate(x, weight, bias, stride, padding, dilation, groups, residual, activation)
+    backend = _backend.select("conv", x.device)
+    if backend == "triton" and groups == 1 and x.device.type == "cuda":
+        return torch.ops.skipfast.conv2d_bias_act_triton(x, weight, bias, stride, padding, dilation, residual, activation)
+    if backend in ("cpp", "triton") and _backend.has_extension():
+        return torch.ops.skipfast.conv2d_bias_act(x, weight, bias, stride, padding, dilation, groups, residual, activation)
+    return conv2d_bias_act_reference(x, weight, bias, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                                     residual=residual, activation=activation)
+
+
+def prepack_weight(weight, *, stride, padding, dilation, groups, input_size=None):
+    """oneDNN's blocked layout of a CPU float32/bfloat16 weight, computed once and reused by
+    every call (what torch's CPU compiler does when it freezes weights). Other weights are
+    returned unchanged."""
+    if (weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16) or not _backend.has_extension()
+            or not torch.backends.mkldnn.is_available() or not torch.backends.mkldnn.enabled):
+        return weight
+    return torch.ops.mkldnn._reorder_convolution_weight(
+        weight.detach(), _pair(padding, "padding"), _pair(stride, "stride"), _pair(dilation, "dilation"), groups, input_size)
+
+
+if _backend.has_extension():
+
+    @torch.library.register_fake("skipfast::conv2d_bias_act")
+    def _(x, weight, bias, stride, padding, dilation, groups, residual, activation):
+        n, _, h, w = x.shape
+        sizes = [n, weight.shape[0]] + [
+            (size + 2 * padding[d] - dilation[d] * (weight.shape[2 + d] - 1) - 1) // stride[d] + 1
+            for d, size in enumerate((h, w))
+        ]
+        return x.new_empty(sizes).contiguous(memory_format=_layout.layout_of(x))
+
+
+if _backend.has_triton():
+    from ..kernels import conv as _kernels
+
+    @torch.library.triton_op("skipfast::conv2d_bias_act_triton", mutates_args=())
+    def _conv2d_bias_act_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: list[int],
+                                padding: list[int], dilation: list[int], residual: torch.Tensor | None,
+                                activation: str | None) -> torch.Tensor:
+        return _kernels.conv2d_bias_act(x, weight, bias, stride, padding, dilation, residual, activation == "relu",
+                                        wrap=torch.library.wrap_triton)

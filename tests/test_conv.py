@@ -1,0 +1,174 @@
+"""conv2d_bias_act (C++ CPU: oneDNN post-ops / epilogue pass; Triton under the
+interpreter) and BN folding."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import skipfast
+from skipfast.fold import FoldedConvBN, fold_bn
+from skipfast.kernels import conv as tk
+from skipfast.ops.conv import conv2d_bias_act, conv2d_bias_act_reference, prepack_weight
+
+# (C, K, H, W, kernel, stride, padding, dilation, groups)
+SHAPES = [
+    (3, 8, 7, 7, 3, 1, 1, 1, 1),
+    (5, 6, 9, 11, 3, 2, 1, 1, 1),
+    (4, 8, 8, 8, 1, 1, 0, 1, 1),
+    (4, 8, 9, 9, 1, 2, 0, 1, 1),
+    (3, 8, 15, 15, 7, 2, 3, 1, 1),
+    (6, 4, 8, 8, 3, 1, 2, 2, 1),
+    (8, 8, 6, 6, 3, 1, 1, 1, 4),
+]
+
+
+def _case(shape, dtype=torch.float32, cl=False):
+    c, k, h, w, r, stride, padding, dilation, groups = shape
+    x = torch.randn(2, c, h, w, dtype=torch.float64)
+    weight = torch.randn(k, c // groups, r, r, dtype=torch.float64) / (c * r * r) ** 0.5
+    bias = torch.randn(k, dtype=torch.float64)
+    kw = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    out = F.conv2d(x, weight, None, **kw)
+    residual = torch.randn_like(out)
+    ref = conv2d_bias_act_reference(x, weight, bias, residual=residual, **kw)
+    cast = [t.to(dtype) for t in (x, weight, bias, residual)]
+    if cl:
+        cast[0] = cast[0].to(memory_format=torch.channels_last)
+        cast[3] = cast[3].to(memory_format=torch.channels_last)
+    return cast, kw, ref
+
+
+@pytest.mark.parametrize("cl", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_cpu_kernel_matches_reference(shape, cl):
+    (x, w, b, r), kw, ref = _case(shape, cl=cl)
+    with torch.no_grad():
+        y = conv2d_bias_act(x, w, b, residual=r, **kw)
+        torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+        assert y.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+        y2 = conv2d_bias_act(x, w, None, activation=None, **kw)
+        torch.testing.assert_close(y2.double(), F.conv2d(x.double(), w.double(), None, **kw), rtol=1e-5, atol=1e-5)
+
+
+def test_float64_takes_the_epilogue_path_exactly():
+    (x, w, b, r), kw, ref = _case(SHAPES[1], dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(conv2d_bias_act(x, w, b, residual=r, **kw), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_prepacked_weight():
+    (x, w, b, r), kw, ref = _case(SHAPES[0])
+    wp = prepack_weight(w, stride=kw["stride"], padding=kw["padding"], dilation=kw["dilation"], groups=1)
+    with torch.no_grad():
+        torch.testing.assert_close(conv2d_bias_act(x, wp, b, residual=r, **kw).double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_opcheck():
+    (x, w, b, r), kw, _ = _case(SHAPES[1])
+    args = (x, w, b, [kw["stride"]] * 2, [kw["padding"]] * 2, [kw["dilation"]] * 2, 1, r, "relu")
+    torch.library.opcheck(torch.ops.skipfast.conv2d_bias_act.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_compile_fullgraph():
+    (x, w, b, r), kw, ref = _case(SHAPES[0])
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x, r: conv2d_bias_act(x, w, b, residual=r, **kw), fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(fn(x, r).double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [s for s in SHAPES if s[-1] == 1][:5])
+def test_triton_kernel_interpreter(shape, dtype):
+    (x, w, b, r), kw, ref = _case(shape, dtype=dtype, cl=True)
+    y = tk.conv2d_bias_act(x, w, b, [kw["stride"]] * 2, [kw["padding"]] * 2, [kw["dilation"]] * 2, r, True)
+    if dtype == torch.float32:
+        torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4)
+    else:
+        eager = conv2d_bias_act_reference(x.float(), w.float(), b.float(), residual=r.float(), **kw).to(dtype)
+        err = (y.double() - ref).abs().max()
+        assert err <= 2 * (eager.double() - ref).abs().max() + 2e-3 * ref.abs().max()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(residual=torch.randn(2, 8, 6, 6)), "residual must have the output's shape"),
+        (dict(groups=2), "x has 3 channels but weight"),
+        (dict(activation="gelu"), "activation must be 'relu' or None"),
+        (dict(bias=torch.randn(7)), r"bias must be \[8\]"),
+    ],
+)
+def test_bad_inputs(kwargs, match):
+    x, w = torch.randn(2, 3, 7, 7), torch.randn(8, 3, 3, 3)
+    kw = dict(padding=1) | kwargs
+    with torch.no_grad(), pytest.raises((ValueError, TypeError), match=f"skipfast.conv2d_bias_act: {match}"):
+        conv2d_bias_act(x, w, **kw)
+
+
+def test_dtype_mismatch_and_grad_rejected():
+    x, w = torch.randn(2, 3, 7, 7), torch.randn(8, 3, 3, 3)
+    with torch.no_grad(), pytest.raises(TypeError, match="weight must have the dtype of x"):
+        conv2d_bias_act(x, w.double())
+    with pytest.raises(RuntimeError, match="inference op"):
+        conv2d_bias_act(x, w.requires_grad_())
+
+
+def _conv_bn(c=4, k=6):
+    conv, bn = nn.Conv2d(c, k, 3, padding=1, bias=True), nn.BatchNorm2d(k)
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.normal_()
+        bn.bias.normal_()
+    return conv.eval(), bn.eval()
+
+
+def test_fold_bn_exact():
+    conv, bn = _conv_bn()
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    w, b = fold_bn(conv, bn)
+    c64, b64 = copy.deepcopy(conv).double(), copy.deepcopy(bn).double()
+    ref = b64(c64(x))
+    torch.testing.assert_close(F.conv2d(x, w.double(), b.double(), padding=1), ref, rtol=1e-6, atol=1e-6)
+    assert w.dtype == torch.float32
+
+
+def _folded_matches(fold, conv, bn, x):
+    with torch.no_grad():
+        torch.testing.assert_close(fold(conv, bn, x, None, "relu"), torch.relu(bn(conv(x))), rtol=1e-5, atol=1e-5)
+
+
+def test_no_stale_fold():
+    conv, bn = _conv_bn()
+    fold = FoldedConvBN()
+    x = torch.randn(2, 4, 8, 8)
+    _folded_matches(fold, conv, bn, x)
+    # load_state_dict
+    other_conv, other_bn = _conv_bn()
+    conv.load_state_dict(other_conv.state_dict())
+    bn.load_state_dict(other_bn.state_dict())
+    _folded_matches(fold, conv, bn, x)
+    # a training step: weights and running stats change in place
+    conv.train(), bn.train()
+    opt = torch.optim.SGD(list(conv.parameters()) + list(bn.parameters()), lr=0.5)
+    bn(conv(x)).square().mean().backward()
+    opt.step()
+    conv.eval(), bn.eval()
+    _folded_matches(fold, conv, bn, x)
+    # .to(dtype)
+    conv.double(), bn.double()
+    _folded_matches(fold, conv, bn, x.double())
+
+
+def test_fold_bn_bad_inputs():
+    conv = nn.Conv2d(3, 4, 3)
+    with pytest.raises(ValueError, match="no running statistics"):
+        fold_bn(conv, nn.BatchNorm2d(4, track_running_stats=False))
+    with pytest.raises(ValueError, match="bn has 5 features but conv has 4"):
+        fold_bn(conv, nn.BatchNorm2d(5))
+    with pytest.raises(TypeError, match="bn must be a BatchNorm"):
+        fold_bn(conv, nn.ReLU())
