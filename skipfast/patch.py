@@ -1,0 +1,220 @@
+"""``skipfast.patch(model)``: run an existing model through skipfast's fused paths.
+
+Two ways, tried in this order:
+
+1. Graph pass (torch.fx): trace the model and rewrite every
+   ``conv -> BN (-> + residual) (-> ReLU)`` and ``BN (-> + residual) -> ReLU`` chain into
+   one skipfast call, whatever the classes are named and however the model writes the add
+   (``out += identity``, ``out = out + identity``, ``torch.add``) and the ReLU (``nn.ReLU``,
+   ``F.relu``, ``torch.relu``, ``.relu()``). The result is a ``torch.fx.GraphModule`` that
+   shares the model's parameters and buffers under the same state_dict keys.
+2. Class swap, for models fx cannot trace: torchvision ``BasicBlock`` / ``Bottleneck`` are
+   replaced in place by skipfast's ``ResidualBlock`` / ``BottleneckBlock`` holding the same
+   parameter and buffer tensors.
+
+In eval mode (no grad needed) a fused conv+BN runs with BN folded into the convolution
+(``conv2d_bias_act``: bias, residual and ReLU in the convolution's epilogue); in training
+it runs the convolution and skipfast's fused batch norm (+ residual) + ReLU.
+Everything not recognised is left untouched and listed in the report.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from . import ops
+from .fold import FoldedConvBN, can_fold
+
+log = logging.getLogger("skipfast")
+
+
+@dataclasses.dataclass
+class PatchReport:
+    path: str  # "fx", "classes" or "none"
+    replaced: list[str] = dataclasses.field(default_factory=list)
+    untouched: list[str] = dataclasses.field(default_factory=list)
+    reason: str = ""
+
+    def __str__(self) -> str:
+        lines = [f"skipfast.patch: {len(self.replaced)} replaced via the {self.path} path" +
+                 (f" ({self.reason})" if self.reason else "")]
+        lines += [f"  replaced  {r}" for r in self.replaced]
+        lines += [f"  untouched {u}" for u in self.untouched]
+        return "\n".join(lines)
+
+
+def bn_act(bn: nn.modules.batchnorm._BatchNorm, y: torch.Tensor, residual: torch.Tensor | None,
+           activation: str | None) -> torch.Tensor:
+    """``act(bn(y) + residual)`` with the module's own running-stat semantics."""
+    y = bn(y)
+    if residual is not None:
+        return ops.add_relu(y, residual) if activation == "relu" else y + residual
+    return torch.relu(y) if activation == "relu" else y
+
+
+class ConvBNAct(nn.Module):
+    """``act(bn(conv(x)) + residual)`` over a conv and a BN owned by the patched model.
+    They are referenced, not registered, so the state_dict keeps the model's keys."""
+
+    def __init__(self, conv: nn.Conv2d | None, bn: nn.modules.batchnorm._BatchNorm, activation: str | None):
+        super().__init__()
+        object.__setattr__(self, "conv", conv)
+        object.__setattr__(self, "bn", bn)
+        self.activation = activation
+        self._fold = FoldedConvBN()
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if self.conv is None:
+            return bn_act(self.bn, x, residual, self.activation)
+        if can_fold(self.conv, self.bn, x):
+            return self._fold(self.conv, self.bn, x, residual, self.activation)
+        return bn_act(self.bn, self.conv(x), residual, self.activation)
+
+    def extra_repr(self) -> str:
+        return f"conv={self.conv is not None}, activation={self.activation!r}"
+
+
+# ---------------------------------------------------------------- fx path
+
+_RELU_FUNCS = {torch.relu, torch.relu_, F.relu, F.relu_}
+_ADD_FUNCS = {operator.add, operator.iadd, torch.add}
+
+
+def _module(gm, node, types):
+    if node.op != "call_module":
+        return None
+    m = gm.get_submodule(node.target)
+    return m if type(m) in types else None
+
+
+def _is_relu(gm, node) -> bool:
+    if _module(gm, node, (nn.ReLU,)) is not None:
+        return True
+    if node.op == "call_function" and node.target in _RELU_FUNCS:
+        return len(node.args) == 1
+    return node.op == "call_method" and node.target in ("relu", "relu_") and len(node.args) == 1
+
+
+def _residual_of(node, operand):
+    """The other operand if `node` adds `operand` to another tensor, else None."""
+    if node.op == "call_function" and node.target in _ADD_FUNCS and not node.kwargs.get("alpha"):
+        args = node.args
+    elif node.op == "call_method" and node.target in ("add", "add_") and not node.kwargs.get("alpha"):
+        args = node.args
+    else:
+        return None
+    if len(args) != 2 or node.kwargs.keys() - {"alpha"}:
+        return None
+    a, b = args
+    other = b if a is operand else a if b is operand else None
+    return other if isinstance(other, fx.Node) and other is not operand else None
+
+
+def _only_user(node):
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _rewrite(gm: fx.GraphModule) -> list[str]:
+    replaced = []
+    for node in list(gm.graph.nodes):
+        bn = _module(gm, node, (nn.BatchNorm2d,))
+        if bn is None:
+            continue
+        src = node.args[0]
+        conv = _module(gm, src, (nn.Conv2d,)) if isinstance(src, fx.Node) else None
+        if conv is not None and (len(src.users) != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str)):
+            conv = None
+        chain, last, residual, act = [node], node, None, None
+        user = _only_user(last)
+        if user is not None and (r := _residual_of(user, last)) is not None:
+            chain.append(user)
+            last, residual = user, r
+            user = _only_user(last)
+        if user is not None and _is_relu(gm, user):
+            chain.append(user)
+            last, act = user, "relu"
+        if conv is None and act is None:
+            continue
+        name = f"skipfast_fused_{len(replaced)}"
+        gm.add_submodule(name, ConvBNAct(conv, bn, act))
+        with gm.graph.inserting_before(last):
+            x = src.args[0] if conv is not None else src
+            new = gm.graph.call_module(name, (x, residual) if residual is not None else (x,))
+        last.replace_all_uses_with(new)
+        for n in reversed(([src] if conv is not None else []) + chain):
+            gm.graph.erase_node(n)
+        parts = ([src.target] if conv is not None else []) + [node.target] + (["+ residual"] if residual is not None else []) + (["relu"] if act else [])
+        replaced.append(" -> ".join(parts))
+    gm.graph.lint()
+    gm.recompile()
+    return replaced
+
+
+# ---------------------------------------------------------------- class path
+
+def _swap_blocks(model: nn.Module) -> tuple[list[tuple[nn.Module, str, nn.Module]], list[str]]:
+    """Plan the class swap without touching the model: (parent, attribute, new module)."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    from .nn.blocks import BottleneckBlock, ResidualBlock
+
+    plan = []
+    for name, mod in model.named_modules():
+        for child_name, child in mod.named_children():
+            full = f"{name}.{child_name}" if name else child_name
+            if type(child) is BasicBlock and child.conv1.groups == 1 and child.conv1.dilation == (1, 1):
+                new = ResidualBlock.shared_from(child)
+            elif type(child) is Bottleneck and child.conv2.groups == 1 and child.conv2.dilation == (1, 1) \
+                    and child.conv1.out_channels * 4 == child.conv3.out_channels:
+                new = BottleneckBlock.shared_from(child)
+            else:
+                continue
+            plan.append((mod, child_name, new, full, type(child).__name__))
+    return plan
+
+
+def _untouched_bns(model: nn.Module, covered: set[int]) -> list[str]:
+    return [f"{n} ({type(m).__name__})" for n, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in covered]
+
+
+def patch(model: nn.Module, *, inplace: bool = True, report: bool = False, use_fx: bool = True):
+    """Route ``model``'s conv/BN/add/ReLU chains through skipfast. Returns the patched model
+    (a GraphModule on the fx path), or ``(model, PatchReport)`` with ``report=True``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"skipfast.patch: model must be an nn.Module, got {type(model).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    result, rep = model, None
+    if use_fx:
+        try:
+            gm = fx.symbolic_trace(model)
+        except Exception as exc:  # noqa: BLE001 - any tracing failure means: use the class path
+            reason = f"fx could not trace {type(model).__name__}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        else:
+            gm.train(model.training)
+            replaced = _rewrite(gm)
+            covered = {id(m.bn) for m in gm.modules() if isinstance(m, ConvBNAct)}
+            rep = PatchReport("fx", replaced, _untouched_bns(gm, covered))
+            result = gm if replaced else model
+    else:
+        reason = "fx disabled by the caller"
+    if rep is None:
+        plan = _swap_blocks(model)
+        for parent, attr, new, _, _ in plan:
+            setattr(parent, attr, new)
+        covered = {id(m) for _, _, new, _, _ in plan for m in new.modules()}
+        rep = PatchReport("classes", [f"{full} ({cls} -> {type(new).__name__})" for _, _, new, full, cls in plan],
+                          _untouched_bns(model, covered), reason)
+    if not rep.replaced:
+        rep.path = "none"
+        log.warning("skipfast.patch: nothing recognised in %s; the model is unchanged", type(model).__name__)
+    else:
+        log.info("%s", rep)
+    return (result, rep) if report else result

@@ -1,0 +1,142 @@
+"""skipfast.patch on torchvision models and on users' own models."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import skipfast
+from skipfast.patch import ConvBNAct
+
+
+class MyBlock(nn.Module):
+    """A user's block: its own class names, functional ReLU, `out = out + identity`."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.a = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.na = nn.BatchNorm2d(c)
+        self.b = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.nb = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        out = F.relu(self.na(self.a(x)))
+        out = self.nb(self.b(out))
+        out = out + x
+        return torch.relu(out)
+
+
+class MyNet(nn.Module):
+    def __init__(self, c=8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+        self.act = nn.ReLU(inplace=True)
+        self.blocks = nn.Sequential(MyBlock(c), MyBlock(c))
+        self.post = nn.BatchNorm2d(c)  # BN -> iadd -> relu method
+        self.head = nn.Linear(c, 4)
+
+    def forward(self, x):
+        x = self.act(self.bn(self.stem(x)))
+        x = self.blocks(x)
+        y = self.post(x)
+        y += x
+        y = y.relu()
+        return self.head(y.mean((2, 3)))
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = torchvision.models.resnet.BasicBlock(8, 8)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: fx cannot trace this
+            x = self.block(x)
+        return x
+
+
+def _randomize_bn(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.normal_(1, 0.2)
+                m.bias.normal_(0, 0.2)
+
+
+def _check_equivalent(orig, patched, x):
+    orig.eval(), patched.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(patched(x), orig(x), rtol=1e-4, atol=1e-4)
+    orig.train(), patched.train()
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = patched(xa), orig(xb)
+    torch.testing.assert_close(ya, yb, rtol=1e-4, atol=1e-4)
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_user_model_fx_path():
+    torch.manual_seed(0)
+    orig = MyNet()
+    _randomize_bn(orig)
+    ref = copy.deepcopy(orig)
+    patched, rep = skipfast.patch(orig, report=True)
+    assert rep.path == "fx"
+    fused = [m for m in patched.modules() if isinstance(m, ConvBNAct)]
+    # stem conv-bn-relu; per block: conv-bn-relu and conv-bn-add-relu; post bn-iadd-relu
+    assert len(fused) == 6 and len(rep.replaced) == 6, rep
+    assert sum(m.conv is None for m in fused) == 1
+    assert rep.untouched == []
+    x = torch.randn(2, 3, 9, 9)
+    _check_equivalent(ref, patched, x)
+    # the parameters are shared with the original model, the keys are the same
+    assert patched.stem.weight is orig.stem.weight
+    assert list(patched.state_dict()) == list(orig.state_dict())
+    orig.load_state_dict(patched.state_dict())
+    patched.load_state_dict(orig.state_dict())
+
+
+def test_torchvision_resnet18_fx_path_channels_last():
+    torch.manual_seed(0)
+    orig = torchvision.models.resnet18(num_classes=10)
+    _randomize_bn(orig)
+    orig = orig.to(memory_format=torch.channels_last)
+    ref = copy.deepcopy(orig)
+    patched, rep = skipfast.patch(orig, report=True)
+    assert rep.path == "fx"
+    # stem + 8 blocks x 2 + 3 downsample conv-bn
+    assert len(rep.replaced) == 1 + 16 + 3
+    x = torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last)
+    _check_equivalent(ref, patched, x)
+
+
+def test_untraceable_model_falls_back_to_class_swap():
+    torch.manual_seed(0)
+    orig = Untraceable()
+    _randomize_bn(orig)
+    ref = copy.deepcopy(orig)
+    patched, rep = skipfast.patch(orig, report=True)
+    assert rep.path == "classes" and "fx could not trace" in rep.reason
+    assert patched is orig and isinstance(orig.block, skipfast.ResidualBlock)
+    x = torch.randn(2, 8, 6, 6).abs()
+    _check_equivalent(ref, patched, x)
+    assert list(orig.state_dict()) == list(ref.state_dict())
+
+
+def test_nothing_recognised_returns_model_unchanged(caplog):
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+    with caplog.at_level("WARNING", logger="skipfast"):
+        out, rep = skipfast.patch(model, report=True)
+    assert out is model and rep.path == "none" and rep.replaced == []
+    assert "nothing recognised" in caplog.text
+
+
+def test_not_a_module():
+    with pytest.raises(TypeError, match="skipfast.patch: model must be an nn.Module, got str"):
+        skipfast.patch("resnet")
