@@ -100,13 +100,12 @@ def _validate(x, weight, bias, running_mean, running_var, training, momentum, ep
 
 
 def autocast_promote(x, residual):
-    """Under autocast, x and a residual of different floating dtypes are promoted to the
-    dtype ``bn(x) + residual`` has in eager PyTorch; otherwise both are returned as given."""
+    """Under autocast, a residual of another floating dtype is cast to x's dtype, as
+    torchvision's blocks (``out += identity``) do; otherwise both are returned as given."""
     if (residual is not None and isinstance(x, torch.Tensor) and isinstance(residual, torch.Tensor)
             and residual.dtype != x.dtype and x.is_floating_point() and residual.is_floating_point()
             and torch.is_autocast_enabled(x.device.type)):
-        dtype = torch.promote_types(x.dtype, residual.dtype)
-        return x.to(dtype), residual.to(dtype)
+        return x, residual.to(x.dtype)
     return x, residual
 
 
@@ -119,8 +118,8 @@ def batch_norm_act(x, weight, bias, running_mean, running_var, *, training, mome
     ``nn.BatchNorm2d``'s ``momentum=None`` cumulative average is the module's job, see
     :class:`skipfast.nn.BatchNormAct2d`). In eval the running statistics are used, in
     one fused pass. Output in x's memory format (channels_last in, channels_last out).
-    Under autocast a residual of another floating dtype is promoted as ``bn(x) +
-    residual`` would be; otherwise it must match x's dtype.
+    Under autocast a residual of another floating dtype is cast to x's dtype (as
+    torchvision's ``out += identity``); otherwise it must match x's dtype.
     """
     x, residual = autocast_promote(x, residual)
     _validate(x, weight, bias, running_mean, running_var, training, momentum, eps, residual, activation)
