@@ -438,3 +438,35 @@ def test_cuda_backends_agree():
                 y = batch_norm_act(x.contiguous(memory_format=fmt), w, b, None, None, training=True,
                                    residual=r.contiguous(memory_format=fmt))
             torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("cl", [False, True])
+@pytest.mark.parametrize("shape", [(2, 3, 7, 7), (3, 10, 3, 3)])
+def test_triton_launchers_match_reference(shape, cl):
+    from skipfast.kernels import bn_act as tk
+
+    C = shape[1]
+    x, r = _x(shape, dtype=torch.float32, cl=cl), _x(shape, dtype=torch.float32, cl=cl)
+    w, b = (t.float() for t in _params(C))
+    ops = torch.ops.skipfast
+    for relu in (True, False):
+        want = ops.bn_act_train(x, w, b, r, 1e-5, relu)
+        got = tk.train(x, w, b, r, 1e-5, relu)
+        for a, e in zip(got[:4], want[:4]):
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+        assert got[0].is_contiguous(memory_format=CL if cl else torch.contiguous_format)
+        assert torch.equal(got[4], want[4])  # the same bit-packed mask
+        out, mean, var, invstd, mask = want
+        m = mask if relu else None
+        g = torch.randn_like(x)
+        s_want = ops.bn_act_backward_reduce(g, x, mean, invstd, m)
+        s_got = tk.backward_reduce(g, x, mean, invstd, m)
+        torch.testing.assert_close(s_got, s_want, rtol=1e-4, atol=1e-5)
+        for sums, count in ((s_want, x.numel() // C), ((None, None), 0)):
+            e_want = ops.bn_act_backward_elemt(g, x, mean, invstd, w, m, *sums, count, relu)
+            e_got = tk.backward_elemt(g, x, mean, invstd, w, m, *sums, count, relu)
+            torch.testing.assert_close(e_got, e_want, rtol=1e-4, atol=1e-5)
+    # large mean, small std: shifted sums keep the variance
+    xs = _x((2, 4, 8, 8), dtype=torch.float32, cl=cl, scale=1e-2, offset=1e4)
+    mean, var = tk.stats(xs)
+    torch.testing.assert_close(var.double(), xs.double().var((0, 2, 3), unbiased=False), rtol=1e-3, atol=0)

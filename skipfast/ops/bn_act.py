@@ -250,3 +250,49 @@ if _backend.has_extension():
         return _layout.empty_like(x), gr
 
     _register_autograd(_OPS["cpp"])
+
+
+if _backend.has_triton():
+    from typing import Optional
+
+    from ..kernels import bn_act as _kernels
+
+    _wrap = torch.library.wrap_triton
+    _T = Optional[torch.Tensor]
+
+    @torch.library.triton_op("skipfast::bn_act_stats_triton", mutates_args=())
+    def _stats_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _kernels.stats(x, wrap=_wrap)
+
+    @torch.library.triton_op("skipfast::bn_act_apply_triton", mutates_args=())
+    def _apply_triton(x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, weight: _T, bias: _T, residual: _T,
+                      relu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return _kernels.apply(x, mean, invstd, weight, bias, residual, relu, wrap=_wrap)
+
+    @torch.library.triton_op("skipfast::bn_act_train_triton", mutates_args=())
+    def _train_triton(x: torch.Tensor, weight: _T, bias: _T, residual: _T, eps: float,
+                      relu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _kernels.train(x, weight, bias, residual, eps, relu, wrap=_wrap)
+
+    @torch.library.triton_op("skipfast::bn_act_backward_reduce_triton", mutates_args=())
+    def _backward_reduce_triton(grad_out: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+                                mask: _T) -> tuple[torch.Tensor, torch.Tensor]:
+        return _kernels.backward_reduce(grad_out, x, mean, invstd, mask, wrap=_wrap)
+
+    @torch.library.triton_op("skipfast::bn_act_backward_elemt_triton", mutates_args=())
+    def _backward_elemt_triton(grad_out: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+                               weight: _T, mask: _T, sum_dy: _T, sum_dy_xhat: _T, count: int,
+                               grad_residual: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return _kernels.backward_elemt(grad_out, x, mean, invstd, weight, mask, sum_dy, sum_dy_xhat, count,
+                                       grad_residual, wrap=_wrap)
+
+    _OPS["triton"] = types.SimpleNamespace(
+        stats=torch.ops.skipfast.bn_act_stats_triton,
+        apply=torch.ops.skipfast.bn_act_apply_triton,
+        train=torch.ops.skipfast.bn_act_train_triton,
+        backward_reduce=torch.ops.skipfast.bn_act_backward_reduce_triton,
+        backward_elemt=torch.ops.skipfast.bn_act_backward_elemt_triton,
+        train_name="skipfast::bn_act_train_triton",
+        apply_name="skipfast::bn_act_apply_triton",
+    )
+    _register_autograd(_OPS["triton"])
