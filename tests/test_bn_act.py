@@ -470,3 +470,31 @@ def test_triton_launchers_match_reference(shape, cl):
     xs = _x((2, 4, 8, 8), dtype=torch.float32, cl=cl, scale=1e-2, offset=1e4)
     mean, var = tk.stats(xs)
     torch.testing.assert_close(var.double(), xs.double().var((0, 2, 3), unbiased=False), rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("cl", [False, True])
+def test_bn_relu_conv_recompute_matches_eager(cl):
+    """BatchNormAct2d.then_conv: the activation is recomputed in backward, not saved."""
+    torch.manual_seed(0)
+    bn, conv = torch.nn.BatchNorm2d(6), torch.nn.Conv2d(6, 4, 3, stride=2, padding=1, bias=False)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.5, 0.5)
+    fused = skipfast.BatchNormAct2d(6)
+    fused.load_state_dict(bn.state_dict())
+    fconv = copy.deepcopy(conv)
+    x = _x((3, 6, 7, 7), dtype=torch.float32, cl=cl)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    for _ in range(2):
+        y_ref = conv(torch.relu(bn(x1)))
+        saved_fused, y = saved_bytes(lambda: fused.then_conv(x2, fconv))
+        torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+        g = torch.randn_like(y_ref)
+        y_ref.backward(g), y.backward(g)
+    assert saved_fused <= x.numel() * 4 + fconv.weight.numel() * 4 + 4096  # x, conv weight, statistics
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-4, atol=1e-5)
+    for a, b in ((fused.weight, bn.weight), (fused.bias, bn.bias), (fconv.weight, conv.weight)):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+    for a, b in zip(fused.buffers(), bn.buffers()):
+        torch.testing.assert_close(a, b)
+    fused.eval(), bn.eval()
+    torch.testing.assert_close(fused.then_conv(x, fconv), conv(torch.relu(bn(x))), rtol=1e-4, atol=1e-5)

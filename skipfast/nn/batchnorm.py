@@ -29,12 +29,12 @@ class BatchNormAct2d(nn.BatchNorm2d):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation!r}"
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def _prepare(self, x, residual):
+        """nn.BatchNorm2d.forward's bookkeeping, with num_batches_tracked counted only after
+        the inputs are accepted (a rejected call leaves every buffer unchanged)."""
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             got = f"{x.dim()}-D input" if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"BatchNormAct2d: x must be a 4-D tensor [N, C, H, W], got {got}")
-        # nn.BatchNorm2d.forward, with num_batches_tracked counted only after the inputs
-        # are accepted (a rejected call leaves every buffer unchanged).
         training = self.training or (self.running_mean is None and self.running_var is None)
         use_running = not self.training or self.track_running_stats
         running_mean = self.running_mean if use_running else None
@@ -47,5 +47,26 @@ class BatchNormAct2d(nn.BatchNorm2d):
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
                 momentum = 1.0 / float(self.num_batches_tracked)
+        return x, residual, training, running_mean, running_var, momentum
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        x, residual, training, running_mean, running_var, momentum = self._prepare(x, residual)
         return bn_act.batch_norm_act(x, self.weight, self.bias, running_mean, running_var, training=training,
                                      momentum=momentum, eps=self.eps, residual=residual, activation=self.activation)
+
+    def then_conv(self, x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+        """``conv(self(x))``. In training with ReLU, backward recomputes this module's
+        output from x instead of keeping it (see ``skipfast.ops.bn_act.batch_norm_relu_conv2d``):
+        the residual blocks save about 0.6x of eager's bytes instead of 0.8x. ``conv``'s
+        own forward hooks are not run on that path."""
+        recompute = (self.activation == "relu" and type(conv) is nn.Conv2d and conv.bias is None
+                     and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
+        if not recompute:
+            return conv(self(x))
+        x, _, training, running_mean, running_var, momentum = self._prepare(x, None)
+        if not training:
+            return conv(bn_act.batch_norm_act(x, self.weight, self.bias, running_mean, running_var, training=False,
+                                              eps=self.eps, activation="relu"))
+        return bn_act.batch_norm_relu_conv2d(x, self.weight, self.bias, running_mean, running_var, conv.weight,
+                                             momentum=momentum, eps=self.eps, stride=conv.stride,
+                                             padding=conv.padding, dilation=conv.dilation, groups=conv.groups)

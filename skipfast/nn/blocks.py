@@ -49,8 +49,8 @@ class ResidualBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _checks.feature_map(self, x, self.in_channels)
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.bn1(self.conv1(x))
-        return self.bn2(self.conv2(out), identity)
+        out = self.bn1.then_conv(self.conv1(x), self.conv2)  # conv2(relu(bn1(conv1(x))))
+        return self.bn2(out, identity)
 
 
 class BottleneckBlock(nn.Module):
@@ -79,6 +79,6 @@ class BottleneckBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _checks.feature_map(self, x, self.in_channels)
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.bn1(self.conv1(x))
-        out = self.bn2(self.conv2(out))
-        return self.bn3(self.conv3(out), identity)
+        out = self.bn1.then_conv(self.conv1(x), self.conv2)
+        out = self.bn2.then_conv(out, self.conv3)
+        return self.bn3(out, identity)

@@ -296,3 +296,68 @@ if _backend.has_triton():
         apply_name="skipfast::bn_act_apply_triton",
     )
     _register_autograd(_OPS["triton"])
+
+
+# ---- BN + ReLU followed by a convolution, recomputing the activation in backward -------
+
+
+class _BnReluConv2d(torch.autograd.Function):
+    """``conv2d(relu(bn(x)), conv_weight)`` in training. Saves x (which the caller keeps
+    anyway: it is the previous convolution's output) and per-channel statistics, not the
+    activation the convolution reads: backward recomputes it with one bn_act_apply pass.
+    Eager saves x, the activation and the convolution's copy of it; this saves x."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, conv_weight, eps, stride, padding, dilation, groups, backend):
+        ops = _OPS[backend]
+        a, mean, var, invstd, _mask = ops.train(x, weight, bias, None, eps, True)
+        y = F.conv2d(a, conv_weight, None, stride, padding, dilation, groups)
+        ctx.save_for_backward(x, weight, bias, conv_weight, mean, invstd)
+        ctx.conv = (stride, padding, dilation, groups)
+        ctx.backend = backend
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_mean, _grad_var):
+        x, weight, bias, conv_weight, mean, invstd = ctx.saved_tensors
+        ops = _OPS[ctx.backend]
+        stride, padding, dilation, groups = ctx.conv
+        a, mask = ops.apply(x, mean, invstd, weight, bias, None, True)
+        grad_a, grad_cw, _ = torch.ops.aten.convolution_backward(
+            grad_y, a, conv_weight, None, stride, padding, dilation, False, [0, 0], groups,
+            [True, ctx.needs_input_grad[3], False])
+        sum_dy, sum_dy_xhat = ops.backward_reduce(grad_a, x, mean, invstd, mask)
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx, _ = ops.backward_elemt(grad_a, x, mean, invstd, weight, mask, sum_dy, sum_dy_xhat,
+                                       x.numel() // x.shape[1], False)
+        gw = sum_dy_xhat if weight is not None and ctx.needs_input_grad[1] else None
+        gb = sum_dy if bias is not None and ctx.needs_input_grad[2] else None
+        return gx, gw, gb, grad_cw, None, None, None, None, None, None
+
+
+def batch_norm_relu_conv2d(x, weight, bias, running_mean, running_var, conv_weight, *, momentum=0.1, eps=1e-5,
+                           stride=1, padding=0, dilation=1, groups=1):
+    """``F.conv2d(batch_norm_act(x, ..., training=True), conv_weight, None, stride, padding,
+    dilation, groups)`` in training, without keeping the normalized activation for backward
+    (recomputed there from x in one pass). Falls back to the plain sequence where the
+    recompute does not apply (no grad, autocast, the reference backend, empty x)."""
+    _validate(x, weight, bias, running_mean, running_var, True, momentum, eps, None, "relu")
+    _checks.tensor(OP, "conv_weight", conv_weight, dims=4)
+    backend = _backend.select("bn_act", x.device)
+    pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
+    if (backend == "reference" or x.numel() == 0 or not torch.is_grad_enabled()
+            or torch.is_autocast_enabled(x.device.type)):
+        a = batch_norm_act(x, weight, bias, running_mean, running_var, training=True, momentum=momentum, eps=eps)
+        return F.conv2d(a, conv_weight, None, stride, padding, dilation, groups)
+    sd = stat_dtype(x)
+    w = None if weight is None else weight.to(sd)
+    b = None if bias is None else bias.to(sd)
+    y, mean, var = _BnReluConv2d.apply(x, w, b, conv_weight, float(eps), pair(stride), pair(padding),
+                                       pair(dilation), groups, backend)
+    if running_mean is not None:
+        n = x.numel() // x.shape[1]
+        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        running_var.mul_(1 - momentum).add_((var * (n / (n - 1))).to(running_var.dtype), alpha=momentum)
+    return y
