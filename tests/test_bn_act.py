@@ -393,38 +393,41 @@ def test_empty_batch_matches_torch():
     assert y.shape == x.shape
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
-def test_resnet_matches_torchvision(name):
+@pytest.mark.parametrize("name, size", [("resnet18", 32), ("resnet50", 48)])
+def test_resnet_matches_torchvision(name, size):
+    """A torchvision state_dict loads strict; a training step gives torchvision's outputs,
+    gradients and running statistics (relative rule against float64), then eval outputs."""
     torchvision = pytest.importorskip("torchvision")
     tv = getattr(torchvision.models, name)()
     sf = getattr(skipfast.models, name)()
     sf.load_state_dict(tv.state_dict(), strict=True)
     tv64 = copy.deepcopy(tv).double()
-    x = torch.randn(2, 3, 48, 48)
-    for train in (True, False):
-        results = []
-        for model, inp in ((tv64, x.double()), (tv, x), (sf, x)):
-            model.train(train)
-            model.zero_grad()
-            y = model(inp)
-            y.square().sum().backward()
-            results.append((y, {n: p.grad for n, p in model.named_parameters()}))
-        (y64, g64), (y_tv, g_tv), (y_sf, g_sf) = results
-        assert_low_precision_ok(y_sf, y_tv, y64, floor=1e-5)
-        # Relative rule in norm: skipfast fp32's gradient error against fp64 is at most 2x
-        # torchvision fp32's, over all parameters together and for the worst parameter (one
-        # parameter alone is too noisy: BN over 8 values per channel amplifies rounding
-        # differences made many layers earlier).
-        def rel(g, n):
-            return ((g[n].double() - g64[n]).norm() / g64[n].norm()).item()
+    x = torch.randn(2, 3, size, size)
+    results = []
+    for model, inp in ((tv64, x.double()), (tv, x), (sf, x)):
+        y = model(inp)
+        y.square().sum().backward()
+        results.append((y, {n: p.grad for n, p in model.named_parameters()}))
+    (y64, g64), (y_tv, g_tv), (y_sf, g_sf) = results
+    assert_low_precision_ok(y_sf, y_tv, y64, floor=1e-5)
+    # Relative rule in norm: skipfast fp32's gradient error against fp64 is at most 2x
+    # torchvision fp32's, over all parameters together and for the worst parameter (one
+    # parameter alone is too noisy: BN over 8 values per channel amplifies rounding
+    # differences made many layers earlier).
 
-        flat = lambda g: torch.cat([g[n].double().flatten() for n in g64])  # noqa: E731
-        total = lambda g: ((flat(g) - flat(g64)).norm() / flat(g64).norm()).item()  # noqa: E731
-        assert total(g_sf) <= 2 * total(g_tv) + 1e-6, (total(g_sf), total(g_tv))
-        worst_sf, worst_tv = max(rel(g_sf, n) for n in g64), max(rel(g_tv, n) for n in g64)
-        assert worst_sf <= 2 * worst_tv + 1e-6, (worst_sf, worst_tv)
+    def rel(g, n):
+        return ((g[n].double() - g64[n]).norm() / g64[n].norm()).item()
+
+    flat = lambda g: torch.cat([g[n].double().flatten() for n in g64])  # noqa: E731
+    total = lambda g: ((flat(g) - flat(g64)).norm() / flat(g64).norm()).item()  # noqa: E731
+    assert total(g_sf) <= 2 * total(g_tv) + 1e-6, (total(g_sf), total(g_tv))
+    worst_sf, worst_tv = max(rel(g_sf, n) for n in g64), max(rel(g_tv, n) for n in g64)
+    assert worst_sf <= 2 * worst_tv + 1e-6, (worst_sf, worst_tv)
     for (n, a), b in zip(sf.named_buffers(), tv.buffers()):
         torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-4, atol=1e-4, msg=n)
+    with torch.no_grad():
+        ys = [m.eval()(inp) for m, inp in ((tv64, x.double()), (tv, x), (sf, x))]
+    assert_low_precision_ok(ys[2], ys[1], ys[0], floor=1e-5)
 
 
 @pytest.mark.gpu
