@@ -109,6 +109,11 @@ def autocast_promote(x, residual):
     return x, residual
 
 
+def _float64_on_gpu(x):
+    """The GPU kernels (CUDA C++ and Triton) compute in float32; float64 runs the reference there."""
+    return x.dtype == torch.float64 and x.device.type != "cpu"
+
+
 def batch_norm_act(x, weight, bias, running_mean, running_var, *, training, momentum=0.1, eps=1e-5, residual=None,
                    activation="relu"):
     """``activation(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps) + residual)``.
@@ -124,7 +129,7 @@ def batch_norm_act(x, weight, bias, running_mean, running_var, *, training, mome
     x, residual = autocast_promote(x, residual)
     _validate(x, weight, bias, running_mean, running_var, training, momentum, eps, residual, activation)
     backend = _backend.select("bn_act", x.device)
-    if backend == "reference" or x.numel() == 0:
+    if backend == "reference" or x.numel() == 0 or _float64_on_gpu(x):
         return batch_norm_act_reference(x, weight, bias, running_mean, running_var, training=training,
                                         momentum=momentum, eps=eps, residual=residual, activation=activation)
     ops = _OPS[backend]
@@ -347,7 +352,7 @@ def batch_norm_relu_conv2d(x, weight, bias, running_mean, running_var, conv_weig
     _checks.tensor(OP, "conv_weight", conv_weight, dims=4)
     backend = _backend.select("bn_act", x.device)
     pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
-    if (backend == "reference" or x.numel() == 0 or not torch.is_grad_enabled()
+    if (backend == "reference" or x.numel() == 0 or _float64_on_gpu(x) or not torch.is_grad_enabled()
             or torch.is_autocast_enabled(x.device.type)):
         a = batch_norm_act(x, weight, bias, running_mean, running_var, training=True, momentum=momentum, eps=eps)
         return F.conv2d(a, conv_weight, None, stride, padding, dilation, groups)
