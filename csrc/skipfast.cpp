@@ -29,6 +29,19 @@ TORCH_LIBRARY(skipfast, m) {
   m.def("add_relu_backward(Tensor grad_out, Tensor out) -> Tensor");
 
   // ---- bn_act: batch norm (+ residual) (+ relu) ----
+  // Phases (a synchronized BN all-reduces between them; see skipfast/ops/bn_act.py).
+  // Per-channel tensors are float32 (float64 for float64 x); mask is 1 bit per element.
+  m.def("bn_act_stats(Tensor x) -> (Tensor mean, Tensor var)");
+  m.def("bn_act_apply(Tensor x, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, Tensor? residual, "
+        "bool relu) -> (Tensor out, Tensor mask)");
+  m.def("bn_act_backward_reduce(Tensor grad_out, Tensor x, Tensor mean, Tensor invstd, Tensor? mask) "
+        "-> (Tensor sum_dy, Tensor sum_dy_xhat)");
+  m.def("bn_act_backward_elemt(Tensor grad_out, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, "
+        "Tensor? mask, Tensor? sum_dy, Tensor? sum_dy_xhat, int count, bool grad_residual) "
+        "-> (Tensor grad_x, Tensor grad_residual)");
+  // Training forward in one call: stats, then apply.
+  m.def("bn_act_train(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, float eps, bool relu) "
+        "-> (Tensor out, Tensor mean, Tensor var, Tensor invstd, Tensor mask)");
 
   // ---- dense: concat-free dense blocks ----
 

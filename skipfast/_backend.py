@@ -39,6 +39,10 @@ CUDA_PRIORITY: dict[str, tuple[str, ...]] = {
     # The Triton implicit GEMM writes its output once with bias, residual and ReLU
     # applied; the C++ path is cuDNN's convolution plus one more pass over the output.
     "conv": ("triton", "cpp"),
+    # bn_act: the CUDA C++ kernels reduce channels_last tensors with coalesced row tiles and
+    # warp-shuffle Welford merges and use 16-byte loads; the Triton reductions read
+    # channels_last with a stride of C. Not yet measured on a GPU: revisit with figures.
+    "bn_act": ("cpp", "triton"),
 }
 DEFAULT_CUDA_PRIORITY = ("cpp", "triton")
 

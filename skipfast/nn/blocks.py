@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import ops
 from . import _checks
+from .batchnorm import BatchNormAct2d
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -20,7 +20,7 @@ def projection(cin: int, cout: int, stride: int) -> nn.Sequential | None:
     """The 1x1 conv + BN shortcut torchvision uses when the shape changes (``downsample``)."""
     if stride == 1 and cin == cout:
         return None
-    return nn.Sequential(conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
+    return nn.Sequential(conv1x1(cin, cout, stride), BatchNormAct2d(cout, activation=None))
 
 
 class ResidualBlock(nn.Module):
@@ -41,16 +41,16 @@ class ResidualBlock(nn.Module):
         _checks.positive_int("ResidualBlock", "stride", stride)
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
         self.conv1 = conv3x3(in_channels, out_channels, stride)
-        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.bn1 = BatchNormAct2d(out_channels)  # bn + relu
         self.conv2 = conv3x3(out_channels, out_channels)
-        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.bn2 = BatchNormAct2d(out_channels)  # bn + identity + relu
         self.downsample = projection(in_channels, out_channels, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _checks.feature_map(self, x, self.in_channels)
         identity = x if self.downsample is None else self.downsample(x)
-        out = torch.relu(self.bn1(self.conv1(x)))
-        return ops.add_relu(self.bn2(self.conv2(out)), identity)
+        out = self.bn1.then_conv(self.conv1(x), self.conv2)  # conv2(relu(bn1(conv1(x))))
+        return self.bn2(out, identity)
 
 
 class BottleneckBlock(nn.Module):
@@ -69,16 +69,16 @@ class BottleneckBlock(nn.Module):
         out_channels = bottleneck_channels * self.expansion
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
         self.conv1 = conv1x1(in_channels, bottleneck_channels)
-        self.bn1 = nn.BatchNorm2d(bottleneck_channels)
+        self.bn1 = BatchNormAct2d(bottleneck_channels)
         self.conv2 = conv3x3(bottleneck_channels, bottleneck_channels, stride)
-        self.bn2 = nn.BatchNorm2d(bottleneck_channels)
+        self.bn2 = BatchNormAct2d(bottleneck_channels)
         self.conv3 = conv1x1(bottleneck_channels, out_channels)
-        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.bn3 = BatchNormAct2d(out_channels)  # bn + identity + relu
         self.downsample = projection(in_channels, out_channels, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _checks.feature_map(self, x, self.in_channels)
         identity = x if self.downsample is None else self.downsample(x)
-        out = torch.relu(self.bn1(self.conv1(x)))
-        out = torch.relu(self.bn2(self.conv2(out)))
-        return ops.add_relu(self.bn3(self.conv3(out)), identity)
+        out = self.bn1.then_conv(self.conv1(x), self.conv2)
+        out = self.bn2.then_conv(out, self.conv3)
+        return self.bn3(out, identity)

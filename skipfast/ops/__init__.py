@@ -1,6 +1,7 @@
 """Functional ops. Each family's module holds its wrapper, fake kernel, autograd and
 eager reference (``<op>_reference``)."""
 from .add_relu import add_relu, add_relu_reference
+from .bn_act import batch_norm_act, batch_norm_act_reference
 from .highway import highway, highway_reference
 
-__all__ = ["add_relu", "add_relu_reference", "highway", "highway_reference"]
+__all__ = ["add_relu", "add_relu_reference", "batch_norm_act", "batch_norm_act_reference", "highway", "highway_reference"]

@@ -1,0 +1,72 @@
+"""BatchNormAct2d: ``nn.BatchNorm2d`` whose forward also adds a residual and applies ReLU,
+through the fused ops of skipfast/ops/bn_act.py."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ops import bn_act
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """``activation(bn(x) + residual)``, a drop-in subclass of ``nn.BatchNorm2d``.
+
+    Same constructor arguments (plus ``activation``: ``"relu"`` or ``None``), same
+    parameters, buffers and ``state_dict`` keys, same running-statistics semantics
+    (``momentum=None`` cumulative average, ``num_batches_tracked``,
+    ``track_running_stats=False``, ``affine=False``, eval with running statistics).
+    ``forward(x, residual=None)``; with ``activation=None`` and no residual it computes
+    exactly what ``nn.BatchNorm2d`` computes.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, activation: str | None = "relu"):
+        if activation not in bn_act.ACTIVATIONS:
+            raise ValueError(f"BatchNormAct2d: activation must be 'relu' or None, got {activation!r}")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.activation = activation
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, activation={self.activation!r}"
+
+    def _prepare(self, x, residual):
+        """nn.BatchNorm2d.forward's bookkeeping, with num_batches_tracked counted only after
+        the inputs are accepted (a rejected call leaves every buffer unchanged)."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            got = f"{x.dim()}-D input" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"BatchNormAct2d: x must be a 4-D tensor [N, C, H, W], got {got}")
+        training = self.training or (self.running_mean is None and self.running_var is None)
+        use_running = not self.training or self.track_running_stats
+        running_mean = self.running_mean if use_running else None
+        running_var = self.running_var if use_running else None
+        x, residual = bn_act.autocast_promote(x, residual)
+        bn_act._validate(x, self.weight, self.bias, running_mean, running_var, training, 0.0, self.eps, residual,
+                         self.activation)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked)
+        return x, residual, training, running_mean, running_var, momentum
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        x, residual, training, running_mean, running_var, momentum = self._prepare(x, residual)
+        return bn_act.batch_norm_act(x, self.weight, self.bias, running_mean, running_var, training=training,
+                                     momentum=momentum, eps=self.eps, residual=residual, activation=self.activation)
+
+    def then_conv(self, x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+        """``conv(self(x))``. In training with ReLU, backward recomputes this module's
+        output from x instead of keeping it (see ``skipfast.ops.bn_act.batch_norm_relu_conv2d``):
+        the residual blocks save about 0.6x of eager's bytes instead of 0.8x. ``conv``'s
+        own forward hooks are not run on that path."""
+        recompute = (self.activation == "relu" and type(conv) is nn.Conv2d and conv.bias is None
+                     and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
+        if not recompute:
+            return conv(self(x))
+        x, _, training, running_mean, running_var, momentum = self._prepare(x, None)
+        if not training:
+            return conv(bn_act.batch_norm_act(x, self.weight, self.bias, running_mean, running_var, training=False,
+                                              eps=self.eps, activation="relu"))
+        return bn_act.batch_norm_relu_conv2d(x, self.weight, self.bias, running_mean, running_var, conv.weight,
+                                             momentum=momentum, eps=self.eps, stride=conv.stride,
+                                             padding=conv.padding, dilation=conv.dilation, groups=conv.groups)

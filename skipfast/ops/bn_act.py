@@ -1,0 +1,368 @@
+"""bn_act: batch norm (+ residual) (+ ReLU), ``relu(bn(x) + residual)`` in two passes.
+
+The public function is :func:`batch_norm_act`; :class:`skipfast.nn.BatchNormAct2d` is the
+module. Schemas are in csrc/skipfast.cpp, the math in csrc/bn_act.h, kernels in
+csrc/cpu/bn_act.cpp, csrc/cuda/bn_act.cu and (Triton) skipfast/kernels/bn_act.py.
+
+The op family is split into phases, like torch's batch_norm_stats / batch_norm_elemt /
+batch_norm_backward_reduce / batch_norm_backward_elemt, so a synchronized BN can
+all-reduce between them. Per-channel tensors are float32 (float64 for float64 x); the
+mask holds 1 bit per element of x (bit i in byte i // 8, flat index in x's memory
+layout), ``(numel + 7) // 8`` uint8 values, and is empty when there is no ReLU.
+
+====================================  ===============================================
+``bn_act_stats(x)``                   ``(mean, var)`` per channel (biased var, Welford /
+                                      shifted sums, fp32 accumulation). Sync BN: gather
+                                      (count, mean, var) and merge with Chan's formula.
+``bn_act_apply(x, mean, invstd,``     ``out = relu((x - mean) * invstd * weight + bias +
+``weight?, bias?, residual?, relu)``  residual)`` and the ReLU mask, one pass.
+``bn_act_backward_reduce(dy, x,``     ``(sum_dy, sum_dy_xhat)`` per channel, of ``dy' = dy``
+``mean, invstd, mask?)``              masked by the ReLU and ``xhat = (x - mean) * invstd``;
+                                      these are also grad_bias and grad_weight. Sync BN:
+                                      all-reduce both.
+``bn_act_backward_elemt(dy, x, mean,``  ``grad_x = weight * invstd * (dy' - sum_dy / count -
+``invstd, weight?, mask?, sum_dy?,``    xhat * sum_dy_xhat / count)`` (sums None: eval,
+``sum_dy_xhat?, count, grad_res)``      ``grad_x = weight * invstd * dy'``) and, when asked,
+                                      the residual gradient ``dy'``. Sync BN: count is the
+                                      global number of values per channel.
+``bn_act_train(x, weight?, bias?,``   stats + apply in one call: ``(out, mean, var,``
+``residual?, eps, relu)``             ``invstd, mask)``.
+====================================  ===============================================
+
+Autograd (``torch.library.register_autograd``): ``bn_act_train`` saves x, weight, mean,
+invstd and the mask (nothing else full-size); its backward is backward_reduce then
+backward_elemt. ``bn_act_apply`` (eval, or a sync BN's apply) has its own backward with
+gradients for x, residual, weight, bias, mean and invstd. Running statistics are updated
+here in Python with in-place torch ops (traceable by torch.compile), after validation.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+
+from .. import _backend, _layout
+from . import _checks
+
+OP = "skipfast.batch_norm_act"
+ACTIVATIONS = ("relu", None)
+
+
+def batch_norm_act_reference(x, weight, bias, running_mean, running_var, *, training, momentum=0.1, eps=1e-5,
+                             residual=None, activation="relu"):
+    """The eager PyTorch sequence this op replaces (test oracle and fallback)."""
+    y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    if residual is not None:
+        y = y + residual
+    return torch.relu(y) if activation == "relu" else y
+
+
+def mask_bytes(numel):
+    return (numel + 7) // 8
+
+
+def stat_dtype(x: torch.Tensor) -> torch.dtype:
+    """dtype of the per-channel tensors the kernels take and return."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _channel_vector(name: str, t, x: torch.Tensor) -> None:
+    if t is None:
+        return
+    _checks.tensor(OP, name, t, dims=1)
+    if t.shape[0] != x.shape[1]:
+        raise ValueError(f"{OP}: {name} must have {x.shape[1]} values (one per channel of x), got shape {tuple(t.shape)}")
+    if t.device != x.device:
+        raise ValueError(f"{OP}: {name} must be on the device of x ({x.device}), got {t.device}")
+
+
+def _validate(x, weight, bias, running_mean, running_var, training, momentum, eps, residual, activation):
+    _checks.tensor(OP, "x", x, dims=4)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{OP}: activation must be 'relu' or None, got {activation!r}")
+    if not isinstance(training, bool):
+        raise TypeError(f"{OP}: training must be a bool, got {type(training).__name__}")
+    for name, v in (("momentum", momentum), ("eps", eps)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"{OP}: {name} must be a float, got {type(v).__name__}")
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        _channel_vector(name, t, x)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{OP}: running_mean and running_var must both be tensors or both be None")
+    if not training and running_mean is None:
+        raise ValueError(f"{OP}: running_mean and running_var must be defined in evaluation mode (training=False)")
+    if residual is not None:
+        _checks.like(OP, "residual", residual, x)
+    if training and x.numel() // max(x.shape[1], 1) == 1:
+        # torch's message (F.batch_norm), raised before any state changes.
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
+
+
+def autocast_promote(x, residual):
+    """Under autocast, a residual of another floating dtype is cast to x's dtype, as
+    torchvision's blocks (``out += identity``) do; otherwise both are returned as given."""
+    if (residual is not None and isinstance(x, torch.Tensor) and isinstance(residual, torch.Tensor)
+            and residual.dtype != x.dtype and x.is_floating_point() and residual.is_floating_point()
+            and torch.is_autocast_enabled(x.device.type)):
+        return x, residual.to(x.dtype)
+    return x, residual
+
+
+def _float64_on_gpu(x):
+    """The GPU kernels (CUDA C++ and Triton) compute in float32; float64 runs the reference there."""
+    return x.dtype == torch.float64 and x.device.type != "cpu"
+
+
+def batch_norm_act(x, weight, bias, running_mean, running_var, *, training, momentum=0.1, eps=1e-5, residual=None,
+                   activation="relu"):
+    """``activation(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps) + residual)``.
+
+    In training the batch statistics normalize x and, when running stats are given,
+    update them in place as torch does (``momentum`` is the exponential average factor;
+    ``nn.BatchNorm2d``'s ``momentum=None`` cumulative average is the module's job, see
+    :class:`skipfast.nn.BatchNormAct2d`). In eval the running statistics are used, in
+    one fused pass. Output in x's memory format (channels_last in, channels_last out).
+    Under autocast a residual of another floating dtype is cast to x's dtype (as
+    torchvision's ``out += identity``); otherwise it must match x's dtype.
+    """
+    x, residual = autocast_promote(x, residual)
+    _validate(x, weight, bias, running_mean, running_var, training, momentum, eps, residual, activation)
+    backend = _backend.select("bn_act", x.device)
+    if backend == "reference" or x.numel() == 0 or _float64_on_gpu(x):
+        return batch_norm_act_reference(x, weight, bias, running_mean, running_var, training=training,
+                                        momentum=momentum, eps=eps, residual=residual, activation=activation)
+    ops = _OPS[backend]
+    relu = activation == "relu"
+    sd = stat_dtype(x)
+    w = None if weight is None else weight.to(sd)
+    b = None if bias is None else bias.to(sd)
+    if training:
+        out, mean, var, _invstd, _mask = ops.train(x, w, b, residual, float(eps), relu)
+        if running_mean is not None:
+            n = x.numel() // x.shape[1]
+            # torch: running = (1 - momentum) * running + momentum * batch (unbiased var).
+            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+            running_var.mul_(1 - momentum).add_((var * (n / (n - 1))).to(running_var.dtype), alpha=momentum)
+        return out
+    invstd = torch.rsqrt(running_var.to(sd) + eps)
+    out, _mask = ops.apply(x, running_mean.to(sd), invstd, w, b, residual, relu)
+    return out
+
+
+# ---- autograd -------------------------------------------------------------------
+
+
+def _train_setup_context(ctx, inputs, output):
+    x, weight, bias, residual, eps, relu = inputs
+    out, mean, var, invstd, mask = output
+    ctx.mark_non_differentiable(mean, var, invstd, mask)
+    ctx.save_for_backward(x, weight, mean, invstd, mask if relu else None)
+    ctx.relu = relu
+
+
+def _make_train_backward(ops):
+    def backward(ctx, grad_out, *_):
+        x, weight, mean, invstd, mask = ctx.saved_tensors
+        need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
+        sum_dy, sum_dy_xhat = ops.backward_reduce(grad_out, x, mean, invstd, mask)
+        gx = gr = None
+        if need_x or (need_r and ctx.relu):
+            count = x.numel() // x.shape[1]
+            gx, gr = ops.backward_elemt(grad_out, x, mean, invstd, weight, mask, sum_dy, sum_dy_xhat, count,
+                                        bool(need_r and ctx.relu))
+        if need_r and not ctx.relu:
+            gr = grad_out
+        gw = sum_dy_xhat if need_w else None
+        gb = sum_dy if need_b else None
+        return gx if need_x else None, gw, gb, gr if need_r else None, None, None
+
+    return backward
+
+
+def _apply_setup_context(ctx, inputs, output):
+    x, mean, invstd, weight, bias, residual, relu = inputs
+    out, mask = output
+    ctx.mark_non_differentiable(mask)
+    ctx.save_for_backward(x, mean, invstd, weight, mask if relu else None)
+    ctx.relu = relu
+
+
+def _make_apply_backward(ops):
+    def backward(ctx, grad_out, _grad_mask):
+        x, mean, invstd, weight, mask = ctx.saved_tensors
+        need_x, need_mean, need_invstd, need_w, need_b, need_r = ctx.needs_input_grad[:6]
+        gx = gr = gmean = ginvstd = gw = gb = None
+        if need_mean or need_invstd or need_w or need_b:
+            sum_dy, sum_dy_xhat = ops.backward_reduce(grad_out, x, mean, invstd, mask)
+            w = torch.ones_like(invstd) if weight is None else weight
+            gw = sum_dy_xhat if need_w else None
+            gb = sum_dy if need_b else None
+            gmean = -(w * invstd * sum_dy) if need_mean else None
+            ginvstd = w * sum_dy_xhat / invstd if need_invstd else None
+        if need_x or (need_r and ctx.relu):
+            gx, gr = ops.backward_elemt(grad_out, x, mean, invstd, weight, mask, None, None, 0, bool(need_r and ctx.relu))
+        if need_r and not ctx.relu:
+            gr = grad_out
+        return gx if need_x else None, gmean, ginvstd, gw, gb, gr if need_r else None, None
+
+    return backward
+
+
+def _register_autograd(ops):
+    torch.library.register_autograd(ops.train_name, _make_train_backward(ops), setup_context=_train_setup_context)
+    torch.library.register_autograd(ops.apply_name, _make_apply_backward(ops), setup_context=_apply_setup_context)
+
+
+_OPS: dict[str, types.SimpleNamespace] = {}
+
+if _backend.has_extension():
+    _OPS["cpp"] = types.SimpleNamespace(
+        stats=torch.ops.skipfast.bn_act_stats,
+        apply=torch.ops.skipfast.bn_act_apply,
+        train=torch.ops.skipfast.bn_act_train,
+        backward_reduce=torch.ops.skipfast.bn_act_backward_reduce,
+        backward_elemt=torch.ops.skipfast.bn_act_backward_elemt,
+        train_name="skipfast::bn_act_train",
+        apply_name="skipfast::bn_act_apply",
+    )
+
+    def _channel(x):
+        return x.new_empty((x.shape[1],), dtype=stat_dtype(x))
+
+    def _mask(x, relu):
+        return x.new_empty((mask_bytes(x.numel()) if relu else 0,), dtype=torch.uint8)
+
+    @torch.library.register_fake("skipfast::bn_act_stats")
+    def _(x):
+        return _channel(x), _channel(x)
+
+    @torch.library.register_fake("skipfast::bn_act_apply")
+    def _(x, mean, invstd, weight, bias, residual, relu):
+        return _layout.empty_like(x), _mask(x, relu)
+
+    @torch.library.register_fake("skipfast::bn_act_train")
+    def _(x, weight, bias, residual, eps, relu):
+        return _layout.empty_like(x), _channel(x), _channel(x), _channel(x), _mask(x, relu)
+
+    @torch.library.register_fake("skipfast::bn_act_backward_reduce")
+    def _(grad_out, x, mean, invstd, mask):
+        return _channel(x), _channel(x)
+
+    @torch.library.register_fake("skipfast::bn_act_backward_elemt")
+    def _(grad_out, x, mean, invstd, weight, mask, sum_dy, sum_dy_xhat, count, grad_residual):
+        gr = _layout.empty_like(x) if grad_residual else x.new_empty((0,))
+        return _layout.empty_like(x), gr
+
+    _register_autograd(_OPS["cpp"])
+
+
+if _backend.has_triton():
+    from typing import Optional
+
+    from ..kernels import bn_act as _kernels
+
+    _wrap = torch.library.wrap_triton
+    _T = Optional[torch.Tensor]
+
+    @torch.library.triton_op("skipfast::bn_act_stats_triton", mutates_args=())
+    def _stats_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _kernels.stats(x, wrap=_wrap)
+
+    @torch.library.triton_op("skipfast::bn_act_apply_triton", mutates_args=())
+    def _apply_triton(x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, weight: _T, bias: _T, residual: _T,
+                      relu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return _kernels.apply(x, mean, invstd, weight, bias, residual, relu, wrap=_wrap)
+
+    @torch.library.triton_op("skipfast::bn_act_train_triton", mutates_args=())
+    def _train_triton(x: torch.Tensor, weight: _T, bias: _T, residual: _T, eps: float,
+                      relu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _kernels.train(x, weight, bias, residual, eps, relu, wrap=_wrap)
+
+    @torch.library.triton_op("skipfast::bn_act_backward_reduce_triton", mutates_args=())
+    def _backward_reduce_triton(grad_out: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+                                mask: _T) -> tuple[torch.Tensor, torch.Tensor]:
+        return _kernels.backward_reduce(grad_out, x, mean, invstd, mask, wrap=_wrap)
+
+    @torch.library.triton_op("skipfast::bn_act_backward_elemt_triton", mutates_args=())
+    def _backward_elemt_triton(grad_out: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+                               weight: _T, mask: _T, sum_dy: _T, sum_dy_xhat: _T, count: int,
+                               grad_residual: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return _kernels.backward_elemt(grad_out, x, mean, invstd, weight, mask, sum_dy, sum_dy_xhat, count,
+                                       grad_residual, wrap=_wrap)
+
+    _OPS["triton"] = types.SimpleNamespace(
+        stats=torch.ops.skipfast.bn_act_stats_triton,
+        apply=torch.ops.skipfast.bn_act_apply_triton,
+        train=torch.ops.skipfast.bn_act_train_triton,
+        backward_reduce=torch.ops.skipfast.bn_act_backward_reduce_triton,
+        backward_elemt=torch.ops.skipfast.bn_act_backward_elemt_triton,
+        train_name="skipfast::bn_act_train_triton",
+        apply_name="skipfast::bn_act_apply_triton",
+    )
+    _register_autograd(_OPS["triton"])
+
+
+# ---- BN + ReLU followed by a convolution, recomputing the activation in backward -------
+
+
+class _BnReluConv2d(torch.autograd.Function):
+    """``conv2d(relu(bn(x)), conv_weight)`` in training. Saves x (which the caller keeps
+    anyway: it is the previous convolution's output) and per-channel statistics, not the
+    activation the convolution reads: backward recomputes it with one bn_act_apply pass.
+    Eager saves x, the activation and the convolution's copy of it; this saves x."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, conv_weight, eps, stride, padding, dilation, groups, backend):
+        ops = _OPS[backend]
+        a, mean, var, invstd, _mask = ops.train(x, weight, bias, None, eps, True)
+        y = F.conv2d(a, conv_weight, None, stride, padding, dilation, groups)
+        ctx.save_for_backward(x, weight, bias, conv_weight, mean, invstd)
+        ctx.conv = (stride, padding, dilation, groups)
+        ctx.backend = backend
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_mean, _grad_var):
+        x, weight, bias, conv_weight, mean, invstd = ctx.saved_tensors
+        ops = _OPS[ctx.backend]
+        stride, padding, dilation, groups = ctx.conv
+        a, mask = ops.apply(x, mean, invstd, weight, bias, None, True)
+        grad_a, grad_cw, _ = torch.ops.aten.convolution_backward(
+            grad_y, a, conv_weight, None, stride, padding, dilation, False, [0, 0], groups,
+            [True, ctx.needs_input_grad[3], False])
+        sum_dy, sum_dy_xhat = ops.backward_reduce(grad_a, x, mean, invstd, mask)
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx, _ = ops.backward_elemt(grad_a, x, mean, invstd, weight, mask, sum_dy, sum_dy_xhat,
+                                       x.numel() // x.shape[1], False)
+        gw = sum_dy_xhat if weight is not None and ctx.needs_input_grad[1] else None
+        gb = sum_dy if bias is not None and ctx.needs_input_grad[2] else None
+        return gx, gw, gb, grad_cw, None, None, None, None, None, None
+
+
+def batch_norm_relu_conv2d(x, weight, bias, running_mean, running_var, conv_weight, *, momentum=0.1, eps=1e-5,
+                           stride=1, padding=0, dilation=1, groups=1):
+    """``F.conv2d(batch_norm_act(x, ..., training=True), conv_weight, None, stride, padding,
+    dilation, groups)`` in training, without keeping the normalized activation for backward
+    (recomputed there from x in one pass). Falls back to the plain sequence where the
+    recompute does not apply (no grad, autocast, the reference backend, empty x)."""
+    _validate(x, weight, bias, running_mean, running_var, True, momentum, eps, None, "relu")
+    _checks.tensor(OP, "conv_weight", conv_weight, dims=4)
+    backend = _backend.select("bn_act", x.device)
+    pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
+    if (backend == "reference" or x.numel() == 0 or _float64_on_gpu(x) or not torch.is_grad_enabled()
+            or torch.is_autocast_enabled(x.device.type)):
+        a = batch_norm_act(x, weight, bias, running_mean, running_var, training=True, momentum=momentum, eps=eps)
+        return F.conv2d(a, conv_weight, None, stride, padding, dilation, groups)
+    sd = stat_dtype(x)
+    w = None if weight is None else weight.to(sd)
+    b = None if bias is None else bias.to(sd)
+    y, mean, var = _BnReluConv2d.apply(x, w, b, conv_weight, float(eps), pair(stride), pair(padding),
+                                       pair(dilation), groups, backend)
+    if running_mean is not None:
+        n = x.numel() // x.shape[1]
+        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        running_var.mul_(1 - momentum).add_((var * (n / (n - 1))).to(running_var.dtype), alpha=momentum)
+    return y

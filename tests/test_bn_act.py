@@ -1,0 +1,503 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import skipfast
+from skipfast.ops import bn_act
+from skipfast.ops.bn_act import batch_norm_act, batch_norm_act_reference
+
+from helpers import assert_close_fp32, assert_low_precision_ok, backend, saved_bytes
+
+CL = torch.channels_last
+
+
+def _params(C, dtype=torch.float64, affine=True):
+    if not affine:
+        return None, None
+    return torch.rand(C, dtype=dtype) + 0.5, torch.randn(C, dtype=dtype)
+
+
+def _x(shape, dtype=torch.float64, cl=False, scale=1.0, offset=0.0):
+    x = torch.randn(shape, dtype=torch.float64) * scale + offset
+    x = x.to(dtype)
+    return x.to(memory_format=CL) if cl else x
+
+
+def _run(fn, x, w, b, rm, rv, r, **kw):
+    """Forward + backward through fn; returns output and gradients of (x, w, b, r)."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b, r)]
+    x_, w_, b_, r_ = leaves
+    y = fn(x_, w_, b_, rm, rv, residual=r_, **kw)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    y.backward(g.to(y.dtype))
+    return y, [t.grad if t is not None else None for t in leaves], g
+
+
+SHAPES = [(2, 3, 7, 7), (4, 16, 5, 5), (3, 10, 3, 3), (2, 20, 9, 9)]
+
+
+def test_extension_is_loaded():
+    assert skipfast._backend.has_extension(), skipfast._backend.EXTENSION_ERROR
+    assert skipfast._backend.select("bn_act", torch.device("cpu")) == "cpp"
+
+
+@pytest.mark.parametrize("cl", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("residual, activation, affine", [(True, "relu", True), (False, "relu", True),
+                                                          (True, None, False), (False, None, True)])
+def test_training_forward_backward_fp32(shape, cl, residual, activation, affine):
+    C = shape[1]
+    x = _x(shape, cl=cl)
+    r = _x(shape, cl=cl) if residual else None
+    w, b = _params(C, affine=affine)
+    rm, rv = torch.randn(C, dtype=torch.float64), torch.rand(C, dtype=torch.float64) + 0.5
+    rm32, rv32 = rm.float(), rv.float()
+    f32 = lambda t: None if t is None else t.float()  # noqa: E731
+    y, grads, g = _run(batch_norm_act, f32(x), f32(w), f32(b), rm32, rv32, f32(r), training=True,
+                       activation=activation)
+    y_ref, grads_ref, _ = _run(batch_norm_act_reference, x, w, b, rm, rv, r, training=True, activation=activation)
+    assert y.dtype == torch.float32 and y.is_contiguous(memory_format=CL if cl else torch.contiguous_format)
+    assert_close_fp32(y, y_ref)
+    torch.testing.assert_close(rm32.double(), rm, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(rv32.double(), rv, rtol=1e-6, atol=1e-6)
+    for got, want in zip(grads, grads_ref):
+        if want is None:
+            assert got is None
+        else:
+            assert_close_fp32(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cl", [False, True])
+@pytest.mark.parametrize("shape", [(1, 3, 7, 7), (2, 10, 3, 3), (1, 20, 1, 1)])
+def test_eval_forward_backward_fp32(shape, cl):
+    C = shape[1]
+    x, r = _x(shape, cl=cl), _x(shape, cl=cl)
+    w, b = _params(C)
+    rm, rv = torch.randn(C, dtype=torch.float64), torch.rand(C, dtype=torch.float64) + 0.5
+    y, grads, _ = _run(batch_norm_act, x.float(), w.float(), b.float(), rm.float(), rv.float(), r.float(),
+                       training=False)
+    y_ref, grads_ref, _ = _run(batch_norm_act_reference, x, w, b, rm, rv, r, training=False)
+    assert_close_fp32(y, y_ref)
+    for got, want in zip(grads, grads_ref):
+        assert_close_fp32(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("cl", [False, True])
+def test_gradcheck(training, cl):
+    x = _x((2, 3, 4, 5), cl=cl).requires_grad_()
+    r = _x((2, 3, 4, 5)).requires_grad_()
+    w, b = (t.requires_grad_() for t in _params(3))
+    rm, rv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+
+    def fn(x, w, b, r):
+        return batch_norm_act(x, w, b, None if training else rm, None if training else rv, training=training,
+                              residual=r)
+
+    assert torch.autograd.gradcheck(fn, (x, w, b, r))
+
+
+def test_apply_gradcheck_for_statistics():
+    """bn_act_apply's backward also differentiates mean and invstd (a sync BN composes it)."""
+    x = _x((2, 3, 4, 4)).requires_grad_()
+    r = _x((2, 3, 4, 4)).requires_grad_()
+    mean = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    invstd = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_()
+    w, b = (t.requires_grad_() for t in _params(3))
+
+    def fn(x, mean, invstd, w, b, r):
+        return torch.ops.skipfast.bn_act_apply(x, mean, invstd, w, b, r, True)[0]
+
+    assert torch.autograd.gradcheck(fn, (x, mean, invstd, w, b, r))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cl", [False, True])
+def test_low_precision(dtype, cl):
+    shape = (4, 12, 6, 6)
+    x, r = _x(shape, cl=cl), _x(shape, cl=cl)
+    w, b = _params(12)
+    y_ref, grads_ref, g = _run(batch_norm_act_reference, x, w, b, None, None, r, training=True)
+    lo = lambda t: t.to(dtype)  # noqa: E731
+    w32, b32 = w.float(), b.float()  # mixed precision: fp32 parameters, low-precision activations
+
+    def run(fn):
+        leaves = [lo(x).requires_grad_(), lo(r).requires_grad_()]
+        ww, bb = w32.clone().requires_grad_(), b32.clone().requires_grad_()
+        y = fn(leaves[0], ww, bb, None, None, training=True, residual=leaves[1])
+        y.backward(lo(g))
+        return y, [leaves[0].grad, ww.grad, bb.grad, leaves[1].grad]
+
+    y, grads = run(batch_norm_act)
+    y_eager, grads_eager = run(batch_norm_act_reference)
+    assert y.dtype == dtype
+    assert_low_precision_ok(y, y_eager, y_ref)
+    for got, eager, want in zip(grads, grads_eager, grads_ref):
+        assert_low_precision_ok(got, eager, want)
+
+
+def test_large_mean_small_std_is_stable():
+    """Per-channel mean 1e4, std 1e-2: the statistics match float64 (a sum-of-squares
+    variance would be all rounding error) and the output is as good as eager fp32."""
+    for cl in (False, True):
+        x32 = _x((4, 8, 10, 10), dtype=torch.float32, cl=cl, scale=1e-2, offset=1e4)
+        x64 = x32.double()
+        mean, var = torch.ops.skipfast.bn_act_stats(x32)
+        torch.testing.assert_close(mean.double(), x64.mean((0, 2, 3)), rtol=1e-7, atol=0)
+        torch.testing.assert_close(var.double(), x64.var((0, 2, 3), unbiased=False), rtol=1e-5, atol=0)
+        ref = batch_norm_act_reference(x64, None, None, None, None, training=True)
+        y = batch_norm_act(x32, None, None, None, None, training=True)
+        eager = batch_norm_act_reference(x32, None, None, None, None, training=True)
+        assert_low_precision_ok(y, eager, ref)
+
+
+def test_non_contiguous_inputs():
+    x = _x((2, 6, 8, 10), dtype=torch.float32)[:, ::2, :, 1:9]
+    r = _x((2, 3, 8, 8), dtype=torch.float32).transpose(2, 3)
+    w, b = (t.float() for t in _params(3))
+    w_nc = torch.stack([w, w], 1)[:, 0]
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=CL) and not w_nc.is_contiguous()
+    for training in (True, False):
+        rm, rv = torch.zeros(3), torch.ones(3)
+        y = batch_norm_act(x, w_nc, b, rm.clone(), rv.clone(), training=training, residual=r)
+        y_ref = batch_norm_act_reference(x.double(), w.double(), b.double(), rm.double(), rv.double(),
+                                         training=training, residual=r.double())
+        assert_close_fp32(y, y_ref)
+
+
+def test_mask_is_bit_packed():
+    for cl in (False, True):
+        x = _x((3, 5, 3, 3), dtype=torch.float32, cl=cl)
+        out, mean, var, invstd, mask = torch.ops.skipfast.bn_act_train(x, None, None, None, 1e-5, True)
+        assert mask.dtype == torch.uint8 and mask.numel() == (x.numel() + 7) // 8
+        z = (x - mean.view(1, -1, 1, 1)) * invstd.view(1, -1, 1, 1)
+        flat = (z > 0).permute(0, 2, 3, 1).reshape(-1) if cl else (z > 0).reshape(-1)
+        bits = torch.stack([(mask >> k) & 1 for k in range(8)], 1).reshape(-1)[: x.numel()].bool()
+        assert torch.equal(bits, flat)
+        assert torch.equal(out, torch.relu(z).to(memory_format=CL if cl else torch.contiguous_format))
+        _, no_mask = torch.ops.skipfast.bn_act_apply(x, mean, invstd, None, None, None, False)
+        assert no_mask.numel() == 0
+
+
+def _sample_inputs():
+    for cl in (False, True):
+        for relu in (True, False):
+            x = _x((2, 3, 5, 5), dtype=torch.float32, cl=cl)
+            r = _x((2, 3, 5, 5), dtype=torch.float32, cl=cl)
+            w, b = (t.float() for t in _params(3))
+            yield cl, relu, x, r, w, b
+
+
+def test_opcheck():
+    for cl, relu, x, r, w, b in _sample_inputs():
+        xg, rg, wg, bg = (t.clone().requires_grad_() for t in (x, r, w, b))
+        ops = torch.ops.skipfast
+        torch.library.opcheck(ops.bn_act_stats.default, (x,))
+        torch.library.opcheck(ops.bn_act_train.default, (xg, wg, bg, rg, 1e-5, relu))
+        torch.library.opcheck(ops.bn_act_train.default, (xg, None, None, None, 1e-3, relu))
+        out, mean, var, invstd, mask = ops.bn_act_train(x, w, b, r, 1e-5, relu)
+        torch.library.opcheck(ops.bn_act_apply.default, (xg, mean, invstd, wg, bg, rg, relu))
+        torch.library.opcheck(ops.bn_act_apply.default, (xg, mean, invstd, None, None, None, relu))
+        g = torch.randn_like(x)
+        m = mask if relu else None
+        torch.library.opcheck(ops.bn_act_backward_reduce.default, (g, x, mean, invstd, m))
+        s1, s2 = ops.bn_act_backward_reduce(g, x, mean, invstd, m)
+        torch.library.opcheck(ops.bn_act_backward_elemt.default, (g, x, mean, invstd, w, m, s1, s2, 50, relu))
+        torch.library.opcheck(ops.bn_act_backward_elemt.default, (g, x, mean, invstd, None, m, None, None, 0, False))
+
+
+def test_phases_compose_to_training_op():
+    """stats -> apply -> backward_reduce -> backward_elemt (what a sync BN runs) equals bn_act_train."""
+    ops = torch.ops.skipfast
+    for cl, relu, x, r, w, b in _sample_inputs():
+        out, mean, var, invstd, mask = ops.bn_act_train(x, w, b, r, 1e-5, relu)
+        m2, v2 = ops.bn_act_stats(x)
+        torch.testing.assert_close((m2, v2), (mean, var))
+        out2, mask2 = ops.bn_act_apply(x, m2, torch.rsqrt(v2 + 1e-5), w, b, r, relu)
+        torch.testing.assert_close(out2, out)
+        assert torch.equal(mask2, mask)
+        xd, wd, bd, rd = (t.double().requires_grad_() for t in (x, w, b, r))
+        yd = batch_norm_act_reference(xd, wd, bd, None, None, training=True, residual=rd,
+                                      activation="relu" if relu else None)
+        g = torch.randn_like(x)
+        yd.backward(g.double())
+        s1, s2 = ops.bn_act_backward_reduce(g, x, mean, invstd, mask if relu else None)
+        assert_close_fp32(s1, bd.grad, rtol=1e-4)
+        assert_close_fp32(s2, wd.grad, rtol=1e-4)
+        gx, gr = ops.bn_act_backward_elemt(g, x, mean, invstd, w, mask if relu else None, s1, s2, 50, relu)
+        assert_close_fp32(gx, xd.grad, rtol=1e-4)
+        if relu:
+            assert_close_fp32(gr, rd.grad)
+
+
+def test_compile_fullgraph_residual_block_training_step():
+    torch._dynamo.reset()
+    block = skipfast.ResidualBlock(8, 16, stride=2)
+    eager = copy.deepcopy(block)
+    x = torch.randn(2, 8, 10, 10)
+    compiled = torch.compile(lambda m, x: m(x).square().mean(), fullgraph=True)
+    loss = compiled(block, x)
+    loss.backward()
+    loss_eager = eager(x).square().mean()
+    loss_eager.backward()
+    torch.testing.assert_close(loss, loss_eager, rtol=1e-4, atol=1e-6)
+    for (n, p), p2 in zip(block.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, p2.grad, rtol=1e-3, atol=1e-5, msg=n)
+    for (n, bf), bf2 in zip(block.named_buffers(), eager.buffers()):
+        torch.testing.assert_close(bf, bf2, rtol=1e-5, atol=1e-6, msg=n)
+    assert int(block.bn1.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("momentum, track, affine", [(0.1, True, True), (None, True, True), (0.3, False, True),
+                                                      (0.1, True, False)])
+def test_running_stats_parity_50_steps(momentum, track, affine):
+    ref = torch.nn.BatchNorm2d(6, momentum=momentum, track_running_stats=track, affine=affine)
+    mod = skipfast.BatchNormAct2d(6, momentum=momentum, track_running_stats=track, affine=affine, activation=None)
+    mod.load_state_dict(ref.state_dict())
+    assert mod.state_dict().keys() == ref.state_dict().keys()
+    for step in range(50):
+        x = torch.randn(3, 6, 4, 4) * (1 + step % 3) + step % 5
+        torch.testing.assert_close(mod(x), ref(x), rtol=1e-5, atol=1e-5)
+    for (n, a), b in zip(mod.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+    mod.eval(), ref.eval()
+    x = torch.randn(1, 6, 3, 3)
+    torch.testing.assert_close(mod(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_module_matches_bn_relu_add_with_residual():
+    ref_bn = torch.nn.BatchNorm2d(5)
+    mod = skipfast.BatchNormAct2d(5)
+    x, r = torch.randn(2, 5, 6, 6), torch.randn(2, 5, 6, 6)
+    torch.testing.assert_close(mod(x, r), torch.relu(ref_bn(x) + r), rtol=1e-5, atol=1e-5)
+    assert "activation='relu'" in repr(mod)
+
+
+def test_autocast_residual_block():
+    block = skipfast.ResidualBlock(8)
+    import torchvision
+
+    tv = torchvision.models.resnet.BasicBlock(8, 8)
+    tv.load_state_dict(block.state_dict())
+    x = torch.randn(2, 8, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_tv = block(x), tv(x)
+    assert y.dtype == y_tv.dtype == torch.bfloat16  # torchvision: out += identity keeps bn's bf16
+    torch.testing.assert_close(y, y_tv, rtol=5e-2, atol=5e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z, z_tv = block(x.bfloat16()), tv(x.bfloat16())
+    assert z.dtype == z_tv.dtype == torch.bfloat16
+
+
+def test_saved_bytes_tail_and_block():
+    x = torch.randn(4, 16, 32, 32, requires_grad=True)
+    r = torch.randn_like(x, requires_grad=True)
+    bn, fused = torch.nn.BatchNorm2d(16), skipfast.BatchNormAct2d(16)
+    eager_tail, _ = saved_bytes(lambda: torch.relu(bn(x) + r))
+    fused_tail, _ = saved_bytes(lambda: fused(x, r))
+    assert fused_tail <= 0.55 * eager_tail, (fused_tail, eager_tail)
+
+    import torchvision
+
+    block = skipfast.ResidualBlock(16)
+    tv = torchvision.models.resnet.BasicBlock(16, 16)
+    tv.load_state_dict(block.state_dict())
+    eager_block, _ = saved_bytes(tv, x)
+    fused_block, _ = saved_bytes(block, x)
+    assert fused_block <= 0.8 * eager_block, (fused_block, eager_block, fused_block / eager_block)
+
+
+def _bad_cases():
+    x = torch.randn(2, 3, 4, 4)
+    yield dict(x=x, weight=torch.ones(4)), ValueError, "weight must have 3 values"
+    yield dict(x=x, bias=torch.zeros(3, device="meta")), ValueError, "bias must be on the device of x"
+    yield dict(x=x, running_mean=torch.zeros(2)), ValueError, "running_mean must have 3 values"
+    yield dict(x=x, running_var=torch.ones(3, 1)), ValueError, "running_var must be 1-D"
+    yield dict(x=x, residual=torch.randn(2, 3, 4, 5)), ValueError, "residual must have the shape"
+    yield dict(x=x, residual=torch.randn(2, 3, 4, 4).double()), TypeError, "residual must have the dtype"
+    yield dict(x=x, residual=torch.randn(2, 3, 4, 4, device="meta")), ValueError, "residual must be on the device"
+    yield dict(x=torch.ones(2, 3, 4, 4, dtype=torch.int64)), TypeError, "x must be a floating"
+    yield dict(x=torch.randn(2, 3, 4)), ValueError, "x must be 4-D"
+    yield dict(x=x, activation="gelu"), ValueError, "activation must be 'relu' or None"
+
+
+@pytest.mark.parametrize("case, err, match", list(_bad_cases()))
+def test_bad_inputs_leave_state_unchanged(case, err, match):
+    x = case.pop("x")
+    args = dict(weight=torch.ones(3), bias=torch.zeros(3), running_mean=torch.zeros(3), running_var=torch.ones(3))
+    args.update(case)
+    activation = args.pop("activation", "relu")
+    residual = args.pop("residual", None)
+    before = [t.clone() if isinstance(t, torch.Tensor) and t.device.type == "cpu" else None for t in args.values()]
+    with pytest.raises(err, match=f"skipfast.batch_norm_act: {match}"):
+        batch_norm_act(x, args["weight"], args["bias"], args["running_mean"], args["running_var"], training=True,
+                       residual=residual, activation=activation)
+    for t, old in zip(args.values(), before):
+        if old is not None:
+            assert torch.equal(t, old)
+
+
+def test_module_bad_input_leaves_buffers_unchanged():
+    mod = skipfast.BatchNormAct2d(3)
+    state = {k: v.clone() for k, v in mod.state_dict().items()}
+    with pytest.raises(ValueError, match="residual must have the shape"):
+        mod(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 5))
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        mod(torch.randn(1, 3, 1, 1))
+    with pytest.raises(ValueError, match="BatchNormAct2d: x must be a 4-D"):
+        mod(torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match="activation must be"):
+        skipfast.BatchNormAct2d(3, activation="tanh")
+    for k, v in mod.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_one_value_per_channel_raises_like_torch():
+    x = torch.randn(1, 4, 1, 1)
+    with pytest.raises(ValueError, match=r"Expected more than 1 value per channel when training, got input size"):
+        batch_norm_act(x, None, None, None, None, training=True)
+    with pytest.raises(ValueError, match="running_mean and running_var must be defined in evaluation mode"):
+        batch_norm_act(x, None, None, None, None, training=False)
+    # eval with one value per channel is fine (N=1 inference)
+    y = batch_norm_act(x, None, None, torch.zeros(4), torch.ones(4), training=False)
+    assert_close_fp32(y, torch.relu(x / (1 + 1e-5) ** 0.5))
+
+
+def test_cpp_kernels_reject_bad_input_themselves():
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(RuntimeError, match="weight must be a 1-D tensor of 3 values"):
+        torch.ops.skipfast.bn_act_train(x, torch.ones(4), None, None, 1e-5, True)
+    with pytest.raises(RuntimeError, match="mean must have dtype Float"):
+        torch.ops.skipfast.bn_act_apply(x, torch.zeros(3, dtype=torch.float64), torch.ones(3), None, None, None, True)
+    with pytest.raises(RuntimeError, match="mask must be a 1-D uint8 tensor of 12 bytes"):
+        torch.ops.skipfast.bn_act_backward_reduce(x, x, torch.zeros(3), torch.ones(3), torch.zeros(5, dtype=torch.uint8))
+    with pytest.raises(RuntimeError, match="Expected more than 1 value per channel"):
+        torch.ops.skipfast.bn_act_train(torch.randn(1, 3, 1, 1), None, None, None, 1e-5, True)
+
+
+def test_reference_backend_is_forced_by_env():
+    x, r = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    with backend("reference"):
+        assert skipfast._backend.select("bn_act", x.device) == "reference"
+        y = batch_norm_act(x, None, None, rm, rv, training=True, residual=r)
+    torch.testing.assert_close(y, batch_norm_act_reference(x, None, None, None, None, training=True, residual=r))
+    assert not torch.equal(rm, torch.zeros(3))
+
+
+def test_empty_batch_matches_torch():
+    x = torch.randn(0, 3, 4, 4)
+    y = batch_norm_act(x, torch.ones(3), torch.zeros(3), torch.zeros(3), torch.ones(3), training=True)
+    assert y.shape == x.shape
+
+
+@pytest.mark.parametrize("name, size", [("resnet18", 32), ("resnet50", 48)])
+def test_resnet_matches_torchvision(name, size):
+    """A torchvision state_dict loads strict; a training step gives torchvision's outputs,
+    gradients and running statistics (relative rule against float64), then eval outputs."""
+    torchvision = pytest.importorskip("torchvision")
+    tv = getattr(torchvision.models, name)()
+    sf = getattr(skipfast.models, name)()
+    sf.load_state_dict(tv.state_dict(), strict=True)
+    tv64 = copy.deepcopy(tv).double()
+    x = torch.randn(2, 3, size, size)
+    results = []
+    for model, inp in ((tv64, x.double()), (tv, x), (sf, x)):
+        y = model(inp)
+        y.square().sum().backward()
+        results.append((y, {n: p.grad for n, p in model.named_parameters()}))
+    (y64, g64), (y_tv, g_tv), (y_sf, g_sf) = results
+    assert_low_precision_ok(y_sf, y_tv, y64, floor=1e-5)
+    # Relative rule in norm: skipfast fp32's gradient error against fp64 is at most 2x
+    # torchvision fp32's, over all parameters together and for the worst parameter (one
+    # parameter alone is too noisy: BN over 8 values per channel amplifies rounding
+    # differences made many layers earlier).
+
+    def rel(g, n):
+        return ((g[n].double() - g64[n]).norm() / g64[n].norm()).item()
+
+    flat = lambda g: torch.cat([g[n].double().flatten() for n in g64])  # noqa: E731
+    total = lambda g: ((flat(g) - flat(g64)).norm() / flat(g64).norm()).item()  # noqa: E731
+    assert total(g_sf) <= 2 * total(g_tv) + 1e-6, (total(g_sf), total(g_tv))
+    worst_sf, worst_tv = max(rel(g_sf, n) for n in g64), max(rel(g_tv, n) for n in g64)
+    assert worst_sf <= 2 * worst_tv + 1e-6, (worst_sf, worst_tv)
+    for (n, a), b in zip(sf.named_buffers(), tv.buffers()):
+        torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-4, atol=1e-4, msg=n)
+    with torch.no_grad():
+        ys = [m.eval()(inp) for m, inp in ((tv64, x.double()), (tv, x), (sf, x))]
+    assert_low_precision_ok(ys[2], ys[1], ys[0], floor=1e-5)
+
+
+@pytest.mark.gpu
+def test_cuda_backends_agree():
+    x, r = torch.randn(4, 32, 17, 17, device="cuda"), torch.randn(4, 32, 17, 17, device="cuda")
+    w, b = torch.rand(32, device="cuda") + 0.5, torch.randn(32, device="cuda")
+    ref = batch_norm_act_reference(x, w, b, None, None, training=True, residual=r)
+    for name in ("cpp", "triton"):
+        for fmt in (torch.contiguous_format, CL):
+            with backend(name):
+                y = batch_norm_act(x.contiguous(memory_format=fmt), w, b, None, None, training=True,
+                                   residual=r.contiguous(memory_format=fmt))
+            torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("cl", [False, True])
+@pytest.mark.parametrize("shape", [(2, 3, 7, 7), (3, 10, 3, 3)])
+def test_triton_launchers_match_reference(shape, cl):
+    from skipfast.kernels import bn_act as tk
+
+    C = shape[1]
+    x, r = _x(shape, dtype=torch.float32, cl=cl), _x(shape, dtype=torch.float32, cl=cl)
+    w, b = (t.float() for t in _params(C))
+    ops = torch.ops.skipfast
+    for relu in (True, False):
+        want = ops.bn_act_train(x, w, b, r, 1e-5, relu)
+        got = tk.train(x, w, b, r, 1e-5, relu)
+        for a, e in zip(got[:4], want[:4]):
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+        assert got[0].is_contiguous(memory_format=CL if cl else torch.contiguous_format)
+        assert torch.equal(got[4], want[4])  # the same bit-packed mask
+        out, mean, var, invstd, mask = want
+        m = mask if relu else None
+        g = torch.randn_like(x)
+        s_want = ops.bn_act_backward_reduce(g, x, mean, invstd, m)
+        s_got = tk.backward_reduce(g, x, mean, invstd, m)
+        torch.testing.assert_close(s_got, s_want, rtol=1e-4, atol=1e-5)
+        for sums, count in ((s_want, x.numel() // C), ((None, None), 0)):
+            e_want = ops.bn_act_backward_elemt(g, x, mean, invstd, w, m, *sums, count, relu)
+            e_got = tk.backward_elemt(g, x, mean, invstd, w, m, *sums, count, relu)
+            torch.testing.assert_close(e_got, e_want, rtol=1e-4, atol=1e-5)
+    # large mean, small std: shifted sums keep the variance
+    xs = _x((2, 4, 8, 8), dtype=torch.float32, cl=cl, scale=1e-2, offset=1e4)
+    mean, var = tk.stats(xs)
+    torch.testing.assert_close(var.double(), xs.double().var((0, 2, 3), unbiased=False), rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("cl", [False, True])
+def test_bn_relu_conv_recompute_matches_eager(cl):
+    """BatchNormAct2d.then_conv: the activation is recomputed in backward, not saved."""
+    torch.manual_seed(0)
+    bn, conv = torch.nn.BatchNorm2d(6), torch.nn.Conv2d(6, 4, 3, stride=2, padding=1, bias=False)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.5, 0.5)
+    fused = skipfast.BatchNormAct2d(6)
+    fused.load_state_dict(bn.state_dict())
+    fconv = copy.deepcopy(conv)
+    x = _x((3, 6, 7, 7), dtype=torch.float32, cl=cl)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    for _ in range(2):
+        y_ref = conv(torch.relu(bn(x1)))
+        saved_fused, y = saved_bytes(lambda: fused.then_conv(x2, fconv))
+        torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+        g = torch.randn_like(y_ref)
+        y_ref.backward(g), y.backward(g)
+    assert saved_fused <= x.numel() * 4 + fconv.weight.numel() * 4 + 4096  # x, conv weight, statistics
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-4, atol=1e-5)
+    for a, b in ((fused.weight, bn.weight), (fused.bias, bn.bias), (fconv.weight, conv.weight)):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+    for a, b in zip(fused.buffers(), bn.buffers()):
+        torch.testing.assert_close(a, b)
+    fused.eval(), bn.eval()
+    torch.testing.assert_close(fused.then_conv(x, fconv), conv(torch.relu(bn(x))), rtol=1e-4, atol=1e-5)
