@@ -81,6 +81,17 @@ class FoldedConvBN:
         return {"_key": None, "_weight": None, "_bias": None}
 
 
+class FoldSet(dict):
+    """One ``FoldedConvBN`` per named conv/BN pair of a module, made on first use."""
+
+    def __call__(self, name: str, conv: nn.Conv2d, bn, x: torch.Tensor, residual: torch.Tensor | None = None,
+                 activation: str | None = "relu") -> torch.Tensor:
+        fold = self.get(name)
+        if fold is None:
+            fold = self[name] = FoldedConvBN()
+        return fold(conv, bn, x, residual, activation)
+
+
 def can_fold(conv, bn, x: torch.Tensor) -> bool:
     """Eval-mode folding applies: running stats exist, no grad is needed, x has the
     weights' dtype (under autocast the unfused path casts as torch does), zero padding."""

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from . import ops
 from .fold import FoldedConvBN, can_fold
+from .nn.batchnorm import BatchNormAct2d
 
 log = logging.getLogger("skipfast")
 
@@ -49,32 +49,34 @@ class PatchReport:
         return "\n".join(lines)
 
 
-def bn_act(bn: nn.modules.batchnorm._BatchNorm, y: torch.Tensor, residual: torch.Tensor | None,
-           activation: str | None) -> torch.Tensor:
-    """``act(bn(y) + residual)`` with the module's own running-stat semantics."""
-    y = bn(y)
-    if residual is not None:
-        return ops.add_relu(y, residual) if activation == "relu" else y + residual
-    return torch.relu(y) if activation == "relu" else y
-
-
 class ConvBNAct(nn.Module):
     """``act(bn(conv(x)) + residual)`` over a conv and a BN owned by the patched model.
-    They are referenced, not registered, so the state_dict keeps the model's keys."""
+    They are referenced, not registered, so the state_dict keeps the model's keys. The
+    batch norm runs as a ``BatchNormAct2d`` over the BN's own tensors, refreshed on each
+    call (``.to()`` replaces buffer tensors; ``.train()`` flips the BN's mode)."""
 
-    def __init__(self, conv: nn.Conv2d | None, bn: nn.modules.batchnorm._BatchNorm, activation: str | None):
+    def __init__(self, conv: nn.Conv2d | None, bn: nn.BatchNorm2d, activation: str | None):
         super().__init__()
         object.__setattr__(self, "conv", conv)
         object.__setattr__(self, "bn", bn)
+        object.__setattr__(self, "_bn_act", BatchNormAct2d.shared_from(bn, activation))
         self.activation = activation
         self._fold = FoldedConvBN()
 
+    def _fused_bn(self) -> BatchNormAct2d:
+        view, bn = self._bn_act, self.bn
+        view.training = bn.training
+        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            if getattr(view, name) is not getattr(bn, name):
+                setattr(view, name, getattr(bn, name))
+        return view
+
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if self.conv is None:
-            return bn_act(self.bn, x, residual, self.activation)
+            return self._fused_bn()(x, residual)
         if can_fold(self.conv, self.bn, x):
             return self._fold(self.conv, self.bn, x, residual, self.activation)
-        return bn_act(self.bn, self.conv(x), residual, self.activation)
+        return self._fused_bn()(self.conv(x), residual)
 
     def extra_repr(self) -> str:
         return f"conv={self.conv is not None}, activation={self.activation!r}"
@@ -123,7 +125,7 @@ def _only_user(node):
 def _rewrite(gm: fx.GraphModule) -> list[str]:
     replaced = []
     for node in list(gm.graph.nodes):
-        bn = _module(gm, node, (nn.BatchNorm2d,))
+        bn = _module(gm, node, (nn.BatchNorm2d,))  # exact type: not a subclass with its own forward
         if bn is None:
             continue
         src = node.args[0]

@@ -113,7 +113,13 @@ def test_torchvision_resnet18_fx_path_channels_last():
     # stem + 8 blocks x 2 + 3 downsample conv-bn
     assert len(rep.replaced) == 1 + 16 + 3
     x = torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last)
-    _check_equivalent(ref, patched, x)
+    orig.eval(), ref.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(patched(x), ref(x), rtol=1e-4, atol=1e-4)
+    # Training: layer4's BN normalizes 2 values per channel here, which amplifies fp32
+    # rounding differences; in float64 the patched model must agree to rounding.
+    patched.double(), ref.double()
+    _check_equivalent(ref, patched, x.double())
 
 
 def test_untraceable_model_falls_back_to_class_swap():

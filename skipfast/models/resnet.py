@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..fold import FoldSet, can_fold
 from ..nn.batchnorm import BatchNormAct2d
 from ..nn.blocks import BottleneckBlock, ResidualBlock
 
@@ -16,6 +17,7 @@ class ResNet(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = BatchNormAct2d(64)  # bn + relu, fused (torchvision: bn1, then relu)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        self._folds = FoldSet()
         channels = 64
         for i, (width, n) in enumerate(zip((64, 128, 256, 512), layers)):
             blocks = []
@@ -41,7 +43,11 @@ class ResNet(nn.Module):
                     nn.init.zeros_(m.bn2.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.bn1(self.conv1(x)))
+        if can_fold(self.conv1, self.bn1, x):
+            x = self._folds("stem", self.conv1, self.bn1, x, None, "relu")
+        else:
+            x = self.bn1(self.conv1(x))
+        x = self.maxpool(x)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
 

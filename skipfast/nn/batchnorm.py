@@ -26,6 +26,20 @@ class BatchNormAct2d(nn.BatchNorm2d):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.activation = activation
 
+    @classmethod
+    def shared_from(cls, bn: nn.modules.batchnorm._BatchNorm, activation: str | None = "relu", **kwargs):
+        """A ``cls`` holding ``bn``'s own parameter and buffer tensors (no copies) and its
+        train/eval mode: updates through either module are seen by both."""
+        if not isinstance(bn, nn.BatchNorm2d):
+            raise TypeError(f"{cls.__name__}.shared_from: bn must be an nn.BatchNorm2d, got {type(bn).__name__}")
+        # Built on the meta device; every parameter and buffer is then replaced by bn's own.
+        new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, device="meta",
+                  activation=activation, **kwargs)
+        new.weight, new.bias = bn.weight, bn.bias
+        new.running_mean, new.running_var, new.num_batches_tracked = bn.running_mean, bn.running_var, bn.num_batches_tracked
+        new.train(bn.training)
+        return new
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation!r}"
 

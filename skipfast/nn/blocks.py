@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..fold import FoldSet, can_fold
 from . import _checks
 from .batchnorm import BatchNormAct2d
 
@@ -23,7 +24,56 @@ def projection(cin: int, cout: int, stride: int) -> nn.Sequential | None:
     return nn.Sequential(conv1x1(cin, cout, stride), BatchNormAct2d(cout, activation=None))
 
 
-class ResidualBlock(nn.Module):
+class _Block(nn.Module):
+    """What both residual blocks share: eval-mode BN folding and building from torchvision."""
+
+    # (conv, bn, activation) names in forward order; the last pair takes the shortcut.
+    _pairs: tuple[tuple[str, str], ...] = ()
+
+    def __init__(self):
+        super().__init__()
+        self._folds = FoldSet()
+
+    def _shortcut(self, x: torch.Tensor, fold: bool) -> torch.Tensor:
+        if self.downsample is None:
+            return x
+        if fold:
+            return self._folds("downsample", self.downsample[0], self.downsample[1], x, None, None)
+        return self.downsample(x)
+
+    def _forward_folded(self, x: torch.Tensor) -> torch.Tensor:
+        """Eval mode without grad: every BN folded into its conv, bias + residual + ReLU
+        in the convolution's epilogue."""
+        identity = self._shortcut(x, True)
+        out = x
+        for i, (conv, bn) in enumerate(self._pairs):
+            last = i == len(self._pairs) - 1
+            out = self._folds(conv, getattr(self, conv), getattr(self, bn), out, identity if last else None, "relu")
+        return out
+
+    def _use_fold(self, x: torch.Tensor) -> bool:
+        return can_fold(self.conv1, self.bn1, x)
+
+    @classmethod
+    def shared_from(cls, block: nn.Module) -> "_Block":
+        """The skipfast block holding the parameters and buffers of a torchvision
+        ``BasicBlock`` / ``Bottleneck`` (same tensors, no copies)."""
+        new = cls.__new__(cls)
+        _Block.__init__(new)
+        convs = [name for name, _ in cls._pairs]
+        new.in_channels = getattr(block, convs[0]).in_channels
+        new.out_channels = getattr(block, convs[-1]).out_channels
+        new.stride = block.stride
+        for i, (conv, bn) in enumerate(cls._pairs):
+            setattr(new, conv, getattr(block, conv))
+            setattr(new, bn, BatchNormAct2d.shared_from(getattr(block, bn), "relu"))
+        ds = block.downsample
+        new.downsample = None if ds is None else nn.Sequential(ds[0], BatchNormAct2d.shared_from(ds[1], None))
+        new.train(block.training)
+        return new
+
+
+class ResidualBlock(_Block):
     """``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``, torchvision's ``BasicBlock``.
 
     ``ResidualBlock(64)`` keeps 64 channels and the spatial size; a projection
@@ -32,6 +82,7 @@ class ResidualBlock(nn.Module):
     """
 
     expansion = 1
+    _pairs = (("conv1", "bn1"), ("conv2", "bn2"))
 
     def __init__(self, in_channels: int, out_channels: int | None = None, stride: int = 1):
         super().__init__()
@@ -48,18 +99,21 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _checks.feature_map(self, x, self.in_channels)
-        identity = x if self.downsample is None else self.downsample(x)
+        if self._use_fold(x):
+            return self._forward_folded(x)
+        identity = self._shortcut(x, False)
         out = self.bn1.then_conv(self.conv1(x), self.conv2)  # conv2(relu(bn1(conv1(x))))
         return self.bn2(out, identity)
 
 
-class BottleneckBlock(nn.Module):
+class BottleneckBlock(_Block):
     """1x1 reduce -> 3x3 (stride here, ResNet v1.5) -> 1x1 expand (x4) + shortcut, ReLU.
 
     torchvision's ``Bottleneck`` state_dict: conv1..3, bn1..3, downsample.0/1.
     """
 
     expansion = 4
+    _pairs = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
 
     def __init__(self, in_channels: int, bottleneck_channels: int, stride: int = 1):
         super().__init__()
@@ -78,7 +132,9 @@ class BottleneckBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _checks.feature_map(self, x, self.in_channels)
-        identity = x if self.downsample is None else self.downsample(x)
+        if self._use_fold(x):
+            return self._forward_folded(x)
+        identity = self._shortcut(x, False)
         out = self.bn1.then_conv(self.conv1(x), self.conv2)
         out = self.bn2.then_conv(out, self.conv3)
         return self.bn3(out, identity)
