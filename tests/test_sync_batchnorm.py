@@ -230,9 +230,11 @@ def test_bad_inputs():
     cases = [
         (TypeError, "x must be a torch.Tensor, got list", ([1.0],)),
         (ValueError, r"x must be a 4-D tensor \[N, C, H, W\], got 3-D", (torch.randn(C, 3, 3),)),
-        (TypeError, "x must be a floating-point tensor, got dtype torch.int64", (torch.ones(2, C, 3, 3, dtype=torch.long),)),
+        (TypeError, "x must be a floating-point tensor, got dtype torch.int64",
+         (torch.ones(2, C, 3, 3, dtype=torch.long),)),
         (ValueError, r"x must have 3 channels \(dim 1\), got 4", (torch.randn(2, 4, 3, 3),)),
-        (ValueError, r"residual must have the shape of x \(2, 3, 3, 3\), got \(2, 3, 3, 1\)", (x, torch.randn(2, C, 3, 1))),
+        (ValueError, r"residual must have the shape of x \(2, 3, 3, 3\), got \(2, 3, 3, 1\)",
+         (x, torch.randn(2, C, 3, 1))),
         (TypeError, "residual must have the dtype of x", (x, x.double())),
         (TypeError, "residual must be a torch.Tensor or None, got float", (x, 1.0)),
     ]

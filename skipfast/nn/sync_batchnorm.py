@@ -24,6 +24,8 @@ Eval mode uses the running statistics and communicates nothing.
 """
 from __future__ import annotations
 
+import types
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -123,6 +125,17 @@ def _backward_elemt(grad_out, x, mean, invstd, weight, mask, sum_dy, sum_dy_xhat
     return gx.to(x.dtype), gr
 
 
+# The phase implementations, looked up per call. A fused backend plugs in here: an
+# object with the same four callables (skipfast.ops.bn_act's ``_OPS[backend]`` namespaces
+# have exactly these names and signatures, and the same mask format).
+TORCH_PHASES = types.SimpleNamespace(stats=_stats, apply=_apply, backward_reduce=_backward_reduce,
+                                     backward_elemt=_backward_elemt)
+
+
+def _phases(x: torch.Tensor) -> types.SimpleNamespace:
+    return TORCH_PHASES  # an empty x (a rank without samples) must always take these
+
+
 # ---- communication ----
 
 
@@ -132,12 +145,12 @@ def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
     return t
 
 
-def _global_stats(x: torch.Tensor, group):
+def _global_stats(x: torch.Tensor, group, phases):
     """Local stats -> one all-reduce of [sum, sum of squares, count] -> global (mean, var, count)."""
     c = x.shape[1]
     n = x.numel() // c if c else 0
     if n > 0:
-        mean, var = _stats(x)
+        mean, var = phases.stats(x)
     else:  # an empty rank contributes zeros
         mean = var = torch.zeros(c, dtype=stat_dtype(x), device=x.device)
     packed = torch.cat([mean * n, (var + mean * mean) * n, mean.new_full((1,), n)])
@@ -158,14 +171,15 @@ class _SyncBatchNormActFunction(torch.autograd.Function):
     @staticmethod
     def _forward(ctx, x, weight, bias, residual, eps, relu, group):
         sd = stat_dtype(x)
-        mean, var, count = _global_stats(x, group)
+        phases = _phases(x)
+        mean, var, count = _global_stats(x, group, phases)
         if count == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape} "
                              f"on this rank and 1 value per channel over the process group")
         invstd = torch.rsqrt(var + eps)
         w = None if weight is None else weight.detach().to(sd)
         b = None if bias is None else bias.detach().to(sd)
-        out, mask = _apply(x, mean, invstd, w, b, residual, relu)
+        out, mask = phases.apply(x, mean, invstd, w, b, residual, relu)
         ctx.save_for_backward(x, w, mean, invstd, mask if relu else None)
         ctx.relu, ctx.group, ctx.count = relu, group, count
         ctx.weight_dtype = None if weight is None else weight.dtype
@@ -178,7 +192,8 @@ class _SyncBatchNormActFunction(torch.autograd.Function):
         x, w, mean, invstd, mask = ctx.saved_tensors
         need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
         grad_out = grad_out.contiguous(memory_format=_layout.layout_of(x))
-        sum_dy, sum_dy_xhat = _backward_reduce(grad_out, x, mean, invstd, mask)
+        phases = _phases(x)
+        sum_dy, sum_dy_xhat = phases.backward_reduce(grad_out, x, mean, invstd, mask)
         # Weight and bias gradients are this rank's sums: DDP averages parameter gradients.
         gw = sum_dy_xhat.to(ctx.weight_dtype) if need_w else None
         gb = sum_dy.to(ctx.weight_dtype) if need_b else None
@@ -186,10 +201,8 @@ class _SyncBatchNormActFunction(torch.autograd.Function):
         if need_x:
             c = sum_dy.numel()
             sums = _all_reduce(torch.cat([sum_dy, sum_dy_xhat]), ctx.group)
-            # Divided here by the global count (count=1 below): no host-side integer needed.
-            n = max(ctx.count, 1)
-            gx, gr = _backward_elemt(grad_out, x, mean, invstd, w, mask, sums[:c] / n, sums[c:] / n, 1,
-                                     bool(need_r and ctx.relu))
+            gx, gr = phases.backward_elemt(grad_out, x, mean, invstd, w, mask, sums[:c], sums[c:], max(ctx.count, 1),
+                                           bool(need_r and ctx.relu))
         elif need_r and ctx.relu:
             gr = _masked(grad_out, x, mask)
         if need_r and not ctx.relu:
