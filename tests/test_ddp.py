@@ -1,6 +1,7 @@
-"""DistributedDataParallel with skipfast models: two gloo ranks with unequal batches, BN
-converted with ``skipfast.convert_sync_batchnorm``, take identical steps on every rank and
-match one process training on the concatenated batch (tests/distributed.py spawns them)."""
+"""DistributedDataParallel with skipfast models (resnet18, densenet121, unet): two gloo
+ranks with unequal batches, BN converted with ``skipfast.convert_sync_batchnorm``, take
+identical steps on every rank and match one process training on the concatenated batch
+(tests/distributed.py starts the ranks)."""
 from __future__ import annotations
 
 import copy
@@ -26,9 +27,26 @@ def _sgd(model):
     return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
 
+BUILDERS = {
+    "resnet18": lambda: skipfast.models.resnet18(num_classes=10),
+    "densenet121": lambda: skipfast.models.densenet121(num_classes=10),
+    "unet": lambda: skipfast.models.unet(3, 2, base_channels=8, depth=2),
+}
+
+
+def _loss(out, y, reduction):
+    """Cross-entropy for classifiers; for the U-Net (2 output channels), per-pixel cross-entropy
+    against labels derived from y, so both are sums over samples."""
+    if out.dim() == 4:
+        y = y.view(-1, 1, 1).expand(-1, out.shape[2], out.shape[3]) % 2
+        per_sample = F.cross_entropy(out, y, reduction="none").mean((1, 2))
+        return per_sample.sum() if reduction == "sum" else per_sample.mean()
+    return F.cross_entropy(out, y, reduction=reduction)
+
+
 def _check_model(rank, world, name):
     torch.manual_seed(0)
-    model = getattr(skipfast.models, name)(num_classes=10).double()
+    model = BUILDERS[name]().double()
     reference = copy.deepcopy(model) if rank == 0 else None
     initial = _flat(model)
     g = torch.Generator().manual_seed(1)
@@ -43,7 +61,7 @@ def _check_model(rank, world, name):
     for step, (x, y) in enumerate(data):
         # DDP averages gradients over ranks: scale each rank's summed loss so the
         # average is the gradient of the mean loss over the global batch.
-        loss = F.cross_entropy(ddp(x[lo:hi]), y[lo:hi], reduction="sum") * world / n
+        loss = _loss(ddp(x[lo:hi]), y[lo:hi], "sum") * world / n
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -55,7 +73,7 @@ def _check_model(rank, world, name):
     if rank == 0:
         opt = _sgd(reference)
         for x, y in data:
-            F.cross_entropy(reference(x), y).backward()
+            _loss(reference(x), y, "mean").backward()
             opt.step()
             opt.zero_grad()
         torch.testing.assert_close(_flat(model), _flat(reference), rtol=1e-7, atol=1e-9,
@@ -64,9 +82,9 @@ def _check_model(rank, world, name):
 
 
 def _check_models(rank, world):
-    for name in ("resnet18", "densenet121"):
+    for name in BUILDERS:
         _check_model(rank, world, name)
 
 
-def test_ddp_resnet18_densenet121_match_single_process(tmp_path):
+def test_ddp_resnet18_densenet121_unet_match_single_process(tmp_path):
     run_ranks(_check_models, 2, tmp_path, timeout=240)
