@@ -14,7 +14,7 @@ import skipfast
 from skipfast.nn import SyncBatchNormAct2d, convert_sync_batchnorm
 
 from distributed import run_ranks
-from helpers import saved_bytes
+from helpers import assert_low_precision_ok, saved_bytes
 
 C, H, W = 3, 5, 4
 
@@ -136,6 +136,16 @@ def _expect(exc, match, fn):
 
 def _check_two_ranks(rank, world):
     _check_configs(rank, world, [_config([2, 5]), _config([4, 1], activation=None, residual=True, momentum=None)])
+
+    # float32 with a large mean against the spread: as accurate as eager float32 BN over
+    # the global batch (the statistics travel in float64).
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, C, 8, 8, generator=g, dtype=torch.float64) + 100
+    lo, hi = (0, 2) if rank == 0 else (2, 6)
+    y = SyncBatchNormAct2d(C, activation=None)(x[lo:hi].float())
+    expected = F.batch_norm(x, None, None, training=True)[lo:hi]
+    eager = F.batch_norm(x.float(), None, None, training=True)[lo:hi]
+    assert_low_precision_ok(y, eager, expected)
 
     # Bytes saved for backward: x, the per-channel weight / mean / invstd and a 1-bit mask.
     m = SyncBatchNormAct2d(C).double()

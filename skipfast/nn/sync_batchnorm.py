@@ -5,16 +5,17 @@ Training forward, in phases (each a small function below, with the signature of 
 matching ``skipfast::bn_act_*`` op so a fused kernel can replace it one for one):
 
 1. ``_stats(x) -> (mean, var)``: local per-channel mean and biased variance.
-2. ONE ``all_reduce(SUM)`` of ``[sum, sum of squares, count]`` per channel, in the
-   statistics dtype (float32; float64 for float64 x), as one tensor of ``2C + 1``.
+2. ONE ``all_reduce(SUM)`` of ``[sum, sum of squares, count]`` per channel, as one
+   float64 tensor of ``2C + 1`` values (float32 would lose the variance of channels whose
+   mean is large against their spread, and counts above 2^24).
 3. ``_apply(x, mean, invstd, weight, bias, residual, relu) -> (out, mask)``:
    ``relu(x * scale + shift + residual)`` with the global statistics, and the ReLU mask
    (1 bit per element).
 
 Backward: ``_backward_reduce`` (local per-channel ``sum(dy')`` and ``sum(dy' * xhat)``,
 ``dy'`` = dy masked by the ReLU; they are also the local bias and weight gradients) ->
-ONE ``all_reduce(SUM)`` of both sums -> ``_backward_elemt`` (input and residual
-gradients). Saved for backward: x, the global mean and invstd, the mask; never the
+ONE ``all_reduce(SUM)`` of both sums (in the statistics dtype: float32, float64 for
+float64 x) -> ``_backward_elemt`` (input and residual gradients). Saved for backward: x, the global mean and invstd, the mask; never the
 normalized tensor or the output. Weight and bias gradients stay local (the sum over this
 rank's batch), as torch's ``nn.SyncBatchNorm`` returns them: DDP averages them.
 
@@ -153,13 +154,16 @@ def _global_stats(x: torch.Tensor, group, phases):
         mean, var = phases.stats(x)
     else:  # an empty rank contributes zeros
         mean = var = torch.zeros(c, dtype=stat_dtype(x), device=x.device)
+    # float64 on the wire: E[x^2] - E[x]^2 in float32 loses about eps32 * mean^2 / var
+    # (1e-3 relative at |mean| = 100 std), and float32 counts are exact only to 2^24.
+    mean, var = mean.double(), var.double()
     packed = torch.cat([mean * n, (var + mean * mean) * n, mean.new_full((1,), n)])
     _all_reduce(packed, group)
     count = int(packed[-1].item())
     total, total_sq = packed[:c], packed[c:2 * c]
     g_mean = total / max(count, 1)
     g_var = (total_sq / max(count, 1) - g_mean * g_mean).clamp_(min=0)
-    return g_mean, g_var, count
+    return g_mean.to(stat_dtype(x)), g_var.to(stat_dtype(x)), count
 
 
 class _SyncBatchNormActFunction(torch.autograd.Function):
