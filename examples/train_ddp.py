@@ -58,7 +58,8 @@ def setup():
         dist.init_process_group("nccl", device_id=device)
     else:
         device = torch.device("cpu")
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+        if "OMP_NUM_THREADS" not in os.environ:  # share the cores between this machine's ranks
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
         dist.init_process_group("gloo")
     return device
 
