@@ -4,8 +4,9 @@ from . import models, nn
 from .fold import fold_bn
 from .patch import patch
 from .nn import BatchNormAct2d, BottleneckBlock, DenseBlock, DenseLayer, Highway, Highway2d, ResidualBlock, Transition, UNet
+from .nn import SyncBatchNormAct2d, convert_sync_batchnorm
 
 __version__ = "0.1.0"
 
 __all__ = ["ops", "nn", "models", "patch", "fold_bn", "BatchNormAct2d", "ResidualBlock", "BottleneckBlock", "DenseLayer",
-           "DenseBlock", "Transition", "UNet", "Highway", "Highway2d"]
+           "DenseBlock", "Transition", "UNet", "Highway", "Highway2d", "SyncBatchNormAct2d", "convert_sync_batchnorm"]
