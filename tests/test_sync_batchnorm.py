@@ -268,6 +268,8 @@ def test_convert_sync_batchnorm_shares_parameters_and_buffers():
     model = skipfast.models.resnet18(num_classes=10).eval()
     before = {name: t for name, t in list(model.named_parameters()) + list(model.named_buffers())}
     bns = {name: m for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    activations = {name: getattr(m, "activation", None) for name, m in bns.items()}
+    assert set(activations.values()) == {"relu", None}  # BatchNormAct2d with and without ReLU
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         expected = model(x)
@@ -276,7 +278,7 @@ def test_convert_sync_batchnorm_shares_parameters_and_buffers():
     converted = {name: m for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
     assert converted.keys() == bns.keys() and len(bns) == 20
     for name, m in converted.items():
-        assert type(m) is SyncBatchNormAct2d and m.activation is None and m.process_group is group
+        assert type(m) is SyncBatchNormAct2d and m.activation == activations[name] and m.process_group is group
         assert not m.training
     after = {name: t for name, t in list(model.named_parameters()) + list(model.named_buffers())}
     assert after.keys() == before.keys()

@@ -8,6 +8,21 @@ from torch import nn
 from ..ops import bn_act
 
 
+def share_tensors(cls: type, bn: nn.modules.batchnorm._BatchNorm, **kwargs) -> nn.BatchNorm2d:
+    """A new ``cls(bn.num_features, ..., **kwargs)`` (a BatchNorm2d subclass) whose
+    parameters and buffers are ``bn``'s own tensor objects, in ``bn``'s train/eval mode."""
+    if not isinstance(bn, nn.BatchNorm2d):
+        raise TypeError(f"{cls.__name__}: bn must be an nn.BatchNorm2d, got {type(bn).__name__}")
+    # Built on the meta device; every parameter and buffer is then replaced by bn's own.
+    new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, device="meta", **kwargs)
+    new.weight, new.bias = bn.weight, bn.bias
+    new.running_mean, new.running_var, new.num_batches_tracked = bn.running_mean, bn.running_var, bn.num_batches_tracked
+    new.train(bn.training)
+    if hasattr(bn, "qconfig"):
+        new.qconfig = bn.qconfig
+    return new
+
+
 class BatchNormAct2d(nn.BatchNorm2d):
     """``activation(bn(x) + residual)``, a drop-in subclass of ``nn.BatchNorm2d``.
 
@@ -30,15 +45,7 @@ class BatchNormAct2d(nn.BatchNorm2d):
     def shared_from(cls, bn: nn.modules.batchnorm._BatchNorm, activation: str | None = "relu", **kwargs):
         """A ``cls`` holding ``bn``'s own parameter and buffer tensors (no copies) and its
         train/eval mode: updates through either module are seen by both."""
-        if not isinstance(bn, nn.BatchNorm2d):
-            raise TypeError(f"{cls.__name__}.shared_from: bn must be an nn.BatchNorm2d, got {type(bn).__name__}")
-        # Built on the meta device; every parameter and buffer is then replaced by bn's own.
-        new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, device="meta",
-                  activation=activation, **kwargs)
-        new.weight, new.bias = bn.weight, bn.bias
-        new.running_mean, new.running_var, new.num_batches_tracked = bn.running_mean, bn.running_var, bn.num_batches_tracked
-        new.train(bn.training)
-        return new
+        return share_tensors(cls, bn, activation=activation, **kwargs)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation!r}"

@@ -31,7 +31,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import _layout
+from .. import _backend, _layout
+from ..ops import bn_act
+from .batchnorm import share_tensors
 
 NAME = "SyncBatchNormAct2d"
 ACTIVATIONS = ("relu", None)
@@ -134,7 +136,11 @@ TORCH_PHASES = types.SimpleNamespace(stats=_stats, apply=_apply, backward_reduce
 
 
 def _phases(x: torch.Tensor) -> types.SimpleNamespace:
-    return TORCH_PHASES  # an empty x (a rank without samples) must always take these
+    # An empty x (a rank without samples) must always take these; so does float64 on a GPU,
+    # whose fused kernels compute in float32.
+    if x.numel() == 0 or bn_act._float64_on_gpu(x):
+        return TORCH_PHASES
+    return bn_act._OPS.get(_backend.select("bn_act", x.device), TORCH_PHASES)
 
 
 # ---- communication ----
@@ -217,15 +223,6 @@ class _SyncBatchNormActFunction(torch.autograd.Function):
 # ---- the module ----
 
 
-def _autocast_promote(x, residual):
-    """Under autocast a residual of another floating dtype is cast to x's dtype (as
-    torchvision's ``out += identity``); otherwise both are returned as given."""
-    if (residual is not None and residual.dtype != x.dtype and residual.is_floating_point()
-            and torch.is_autocast_enabled(x.device.type)):
-        return x, residual.to(x.dtype)
-    return x, residual
-
-
 class SyncBatchNormAct2d(nn.BatchNorm2d):
     """``activation(bn(x) + residual)`` with batch statistics synchronized over a process group.
 
@@ -255,6 +252,11 @@ class SyncBatchNormAct2d(nn.BatchNorm2d):
         self.process_group = process_group
         self.activation = activation
         self._ranks_checked = None  # (group id, statistics dtype) of the last cross-rank check
+
+    def then_conv(self, x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+        """``conv(self(x))``: what ``BatchNormAct2d.then_conv`` computes, so converted
+        skipfast blocks keep working (without its recompute-in-backward saving)."""
+        return conv(self(x))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation!r}"
@@ -312,7 +314,7 @@ class SyncBatchNormAct2d(nn.BatchNorm2d):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         self._check_input(x, residual)
-        x, residual = _autocast_promote(x, residual)
+        x, residual = bn_act.autocast_promote(x, residual)
         if not self.training:
             return self._local(x, residual, bn_training=self.running_mean is None and self.running_var is None)
         group = self._group()
@@ -368,12 +370,4 @@ def _convert_one(bn: nn.BatchNorm2d, process_group) -> SyncBatchNormAct2d:
     if activation not in ACTIVATIONS:
         raise ValueError(f"convert_sync_batchnorm: {type(bn).__name__}.activation must be 'relu' or None, "
                          f"got {activation!r}")
-    # Built on the meta device: every parameter and buffer is then replaced by bn's own.
-    new = SyncBatchNormAct2d(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
-                             process_group, device="meta", activation=activation)
-    new.weight, new.bias = bn.weight, bn.bias
-    new.running_mean, new.running_var, new.num_batches_tracked = bn.running_mean, bn.running_var, bn.num_batches_tracked
-    new.training = bn.training
-    if hasattr(bn, "qconfig"):
-        new.qconfig = bn.qconfig
-    return new
+    return share_tensors(SyncBatchNormAct2d, bn, process_group=process_group, activation=activation)
