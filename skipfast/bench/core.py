@@ -365,7 +365,7 @@ def check_provider(got, want, oracle: _Oracle, kinds, s: Settings) -> tuple[bool
     return True, worst, where
 
 
-def _prepare(case, providers, s, kinds, tick):
+def prepare(case, providers, s, kinds, tick=lambda msg, done=False: None):
     """Build every provider from the same reference weights and check it against eager."""
     torch.manual_seed(s.seed)
     ref = case.make_reference().to(device=s.device, dtype=s.dtype)
@@ -433,7 +433,7 @@ def run_case(case: Case, providers: Sequence[Provider], s: Settings, modes: Sequ
     tick = progress or (lambda msg, done=False: None)
     modes = list(modes or case.modes)
     kinds = sorted({"train" if m != "infer" else "infer" for m in modes}, reverse=True)  # train first
-    runners, info = _prepare(case, providers, s, kinds, tick)
+    runners, info = prepare(case, providers, s, kinds, tick)
     baseline = providers[0].name
     elem = torch.finfo(s.dtype).bits // 8
     records = []
