@@ -87,10 +87,8 @@ def run_case_bench(benchmark):
             sync()
 
         benchmark.pedantic(call, setup=setup, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
-        benchmark.extra_info["peak_bytes"] = core.peak_bytes(lambda: (r.setup(mode), r.run(mode)), DEVICE)
-        benchmark.extra_info["memory_method"] = "cuda max_memory_allocated" if DEVICE.type == "cuda" \
-            else "torch profiler allocation events"
-        if mode != "infer":
-            benchmark.extra_info["saved_bytes"] = core.saved_bytes(r)
+        peak, saved = core.memory(r, mode, DEVICE)
+        benchmark.extra_info.update(peak_bytes=peak, saved_bytes=saved, memory_method="cuda max_memory_allocated"
+                                    if DEVICE.type == "cuda" else "torch profiler allocation events")
 
     return run

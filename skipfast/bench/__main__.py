@@ -39,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="bench-out", help="output folder for bench.json/.csv and charts (default bench-out)")
     p.add_argument("--compare", default=None, metavar="FILE", help="an earlier bench.json: print the change per case")
     p.add_argument("--reps", type=int, default=None, help="timed calls per provider (default 5 quick, 10 full)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls before timing (default 1 quick, 3 full)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls before timing, besides the correctness check's (default 0 quick, 3 full)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -82,7 +82,8 @@ def main(argv=None, extra_providers: dict | None = None, case_list: list | None 
         reps = dict(min_reps=3, max_reps=20, budget_s=1.0)
     else:
         reps = dict(min_reps=10, max_reps=50, budget_s=5.0)
-    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    # --quick: the correctness check's calls (one per mode kind) are the warm-up
+    warmup = args.warmup if args.warmup is not None else (0 if args.quick else 3)
     s = core.Settings(device=device, dtype=dtype, warmup=warmup, flops=device.type == "cuda" or not args.quick, **reps)
     settings = {
         "quick": args.quick, "size": size, "dtype": args.dtype, "channels_last": args.channels_last,

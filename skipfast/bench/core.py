@@ -244,24 +244,50 @@ def peak_bytes(fn, device: torch.device) -> int | None:
     return cpu_peak_bytes(fn)
 
 
-def saved_bytes(runner: _Runner) -> int:
-    """Bytes saved for backward by one training forward, each storage once, parameters
-    (and their gradients) excluded."""
-    params = {p.untyped_storage().data_ptr() for p in runner.module.parameters()}
-    seen: dict[int, int] = {}
+class _SavedCounter:
+    """``saved_tensors_hooks`` that count the bytes saved for backward, each storage
+    once, the module's parameters excluded."""
 
-    def pack(t):
+    def __init__(self, module: nn.Module):
+        self.params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+        self.seen: dict[int, int] = {}
+
+    def pack(self, t):
         if isinstance(t, torch.Tensor):
             st = t.untyped_storage()
-            if st.data_ptr() not in params:
-                seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+            if st.data_ptr() not in self.params:
+                self.seen[st.data_ptr()] = max(self.seen.get(st.data_ptr(), 0), st.nbytes())
         return t
 
+    def __enter__(self):
+        self.ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+        self.ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.ctx.__exit__(*exc)
+
+    @property
+    def total(self) -> int:
+        return sum(self.seen.values())
+
+
+def saved_bytes(runner: _Runner) -> int:
+    """Bytes saved for backward by one training forward, each storage once, parameters
+    excluded."""
     runner.setup("fwd")
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with _SavedCounter(runner.module) as counter:
         out = runner.run("fwd")
     del out
-    return sum(seen.values())
+    return counter.total
+
+
+def memory(runner: _Runner, mode: str, device: torch.device) -> tuple[int | None, int | None]:
+    """(peak bytes, bytes saved for backward) of one call in ``mode``, from one untimed
+    call; saved bytes are None for inference."""
+    with _SavedCounter(runner.module) as counter:
+        peak = peak_bytes(lambda: (runner.setup(mode), runner.run(mode)), device)
+    return peak, (None if mode == "infer" else counter.total)
 
 
 def flops(runner: _Runner, mode: str) -> int | None:
@@ -405,20 +431,19 @@ def prepare(case, providers, s, kinds, tick=lambda msg, done=False: None):
 
 
 def _time_mode(runners: dict[str, _Runner], mode: str, s: Settings, tick, label: str) -> dict[str, list[float]]:
+    """Warm-up calls, then rounds of one timed call per provider until ``min_reps``
+    rounds and ``budget_s`` seconds (or ``max_reps`` rounds) are done."""
     timer = Timer(s.device)
     times: dict[str, list[float]] = {n: [] for n in runners}
     tick(f"{label}: warm-up")
-    round_s = 0.0
     for name, r in runners.items():
-        t0 = time.perf_counter()
-        for _ in range(max(1, s.warmup)):
+        for _ in range(s.warmup):
             timer(lambda: r.setup(mode), lambda: r.run(mode))
-        round_s += (time.perf_counter() - t0) / max(1, s.warmup)
-    reps = s.max_reps
-    if s.budget_s is not None and round_s > 0:
-        reps = int(min(s.max_reps, max(s.min_reps, s.budget_s / round_s)))
-    for i in range(reps):
-        tick(f"{label}: rep {i + 1}/{reps}")
+    t0 = time.perf_counter()
+    for i in range(s.max_reps):
+        if i >= s.min_reps and s.budget_s is not None and time.perf_counter() - t0 >= s.budget_s:
+            break
+        tick(f"{label}: round {i + 1}")
         for name, r in runners.items():
             times[name].append(timer(lambda: r.setup(mode), lambda: r.run(mode)))
     return times
@@ -445,8 +470,7 @@ def run_case(case: Case, providers: Sequence[Provider], s: Settings, modes: Sequ
         if s.memory:
             tick(f"{label}: memory")
             for name, r in runners.items():
-                mem[name] = peak_bytes(lambda: (r.setup(mode), r.run(mode)), s.device)
-                saved[name] = saved_bytes(r) if mode != "infer" else None
+                mem[name], saved[name] = memory(r, mode, s.device)
         n_flops = flops(runners[baseline], mode) if s.flops and baseline in runners else None
         tick(f"{label}: done", True)
         base_t = statistics.median(times[baseline]) if times.get(baseline) else None

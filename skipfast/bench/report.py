@@ -162,8 +162,8 @@ def table(records: list[dict]) -> str:
 def reps_text(settings: dict) -> str:
     if settings.get("budget_s") is None:
         return f"{settings['max_reps']} calls"
-    return (f"{settings['min_reps']}-{settings['max_reps']} calls (as many as fit {settings['budget_s']:g} s per "
-            "case and mode)")
+    return (f"{settings['min_reps']}-{settings['max_reps']} calls (more while under {settings['budget_s']:g} s "
+            "per case and mode)")
 
 
 def header(info: dict, settings: dict) -> str:
@@ -173,8 +173,8 @@ def header(info: dict, settings: dict) -> str:
         f", add_relu backend {info['skipfast_add_relu_backend']}) | torch {info['torch']} | triton {info['triton']}",
         f"device {info['device']} ({dev}) | {info['torch_threads']} threads | dtype {settings['dtype']} | "
         f"commit {info['git_commit'] or 'unknown'} | {info['date']}",
-        f"time = median over {reps_text(settings)} after {settings['warmup']} warm-up call(s); providers interleaved "
-        f"call by call; {settings['timer']}; checked against eager before timing",
+        f"time = median over {reps_text(settings)} after the correctness check's call and {settings['warmup']} "
+        f"warm-up call(s); providers interleaved call by call; {settings['timer']}",
         settings["memory_method"] + "; saved bwd = bytes saved for backward (each storage once, parameters excluded)",
         "modes: fwd/bwd/fwd+bwd in training mode; infer = eval + no_grad. vs eager = eager time / provider time "
         "(higher is faster); memory vs eager = provider / eager (lower is leaner)",
@@ -238,7 +238,13 @@ def write_charts(out: Path, records: list[dict], title: str) -> list[Path]:
                     if f"{r['case']}\n{r['mode']}" == g and r["provider"] == p and r.get(field) is not None:
                         xs.append(i + (j - (len(providers) - 1) / 2) * width)
                         ys.append(r[field])
-            ax.bar(xs, ys, width, label=p)
+            bars = ax.bar(xs, ys, width, label=p)
+            color = bars.patches[0].get_facecolor() if bars.patches else None
+            for i, g in enumerate(groups):
+                for r in records:
+                    if f"{r['case']}\n{r['mode']}" == g and r["provider"] == p and r["status"] != "ok":
+                        ax.text(i + (j - (len(providers) - 1) / 2) * width, 0.02, r["status"], rotation=90,
+                                fontsize=6, ha="center", va="bottom", color=color)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels(groups, fontsize=7)
