@@ -79,7 +79,7 @@ def main(argv=None, extra_providers: dict | None = None, case_list: list | None 
     if args.reps is not None:
         reps = dict(min_reps=args.reps, max_reps=args.reps, budget_s=None)
     elif args.quick:
-        reps = dict(min_reps=3, max_reps=20, budget_s=1.0)
+        reps = dict(min_reps=3, max_reps=20, budget_s=0.3)
     else:
         reps = dict(min_reps=10, max_reps=50, budget_s=5.0)
     # --quick: the correctness check's calls (one per mode kind) are the warm-up

@@ -17,7 +17,8 @@ Rules (issue 6, "honest results"):
   would fit in it.
 - Memory is measured in a separate, untimed call: on CUDA the allocator's peak above
   the starting level (``max_memory_allocated``); on CPU the peak of live tensor bytes
-  allocated during the call, from the torch profiler's allocation events. Bytes saved
+  allocated during the call, from the torch profiler's allocation events. "bwd" reports
+  the memory of its whole training step. Bytes saved
   for backward (``saved_tensors_hooks``, each storage once, parameters excluded) are
   recorded for training modes on every device.
 """
@@ -283,10 +284,14 @@ def saved_bytes(runner: _Runner) -> int:
 
 
 def memory(runner: _Runner, mode: str, device: torch.device) -> tuple[int | None, int | None]:
-    """(peak bytes, bytes saved for backward) of one call in ``mode``, from one untimed
-    call; saved bytes are None for inference."""
+    """(peak bytes, bytes saved for backward) of one untimed call; saved bytes are None
+    for inference. The setup (which frees the previous call's gradients) runs before
+    the measured window, so frees of older tensors cannot hide allocations. "bwd" is
+    measured as its whole training step (forward + backward), like "fwd+bwd"."""
+    step = "fwd+bwd" if mode == "bwd" else mode
+    runner.setup(step)
     with _SavedCounter(runner.module) as counter:
-        peak = peak_bytes(lambda: (runner.setup(mode), runner.run(mode)), device)
+        peak = peak_bytes(lambda: runner.run(step), device)
     return peak, (None if mode == "infer" else counter.total)
 
 
