@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# One-call GPU suite for a machine with one NVIDIA GPU, its own torch, and no network.
+#
+#   benchmarks/gpu_suite.sh OUTDIR
+#
+# Steps (each under its own timeout; a failed step is recorded and the suite goes on):
+#   1. build the extension in place for this GPU's architecture
+#      (pip install -e . --no-build-isolation --no-deps --no-index)
+#   2. the GPU-marked tests (pytest -m gpu)
+#   3. ceilings: device-to-device copy bandwidth, bf16/tf32/fp32 matmul TFLOP/s
+#   4. python -m skipfast.bench on CUDA: elementwise ops (eager, eager-cl, torch.compile
+#      default and max-autotune, skipfast), blocks and models (eager, eager-cl,
+#      torch.compile, skipfast)
+#   5. OUTDIR/summary.md + summary.json (python -m skipfast.bench.gpu_summary): card,
+#      driver, torch, triton, per-step status, tests, ceilings, results, and achieved
+#      bandwidth / FLOP rate against the measured ceilings.
+# The whole suite stops starting steps after SUITE_BUDGET_S seconds (default 420) and
+# cuts the running one at that point, so it ends in under 8 minutes.
+# Environment: PYTHON (default python), SUITE_BUDGET_S.
+set -euo pipefail
+
+usage() { echo "usage: benchmarks/gpu_suite.sh OUTDIR   (OUTDIR: folder for logs, JSON and summary.md)" >&2; }
+if [[ $# -ne 1 ]]; then usage; exit 2; fi
+case "$1" in
+  -h|--help) usage; exit 0 ;;
+  "" | -*) usage; exit 2 ;;
+esac
+if [[ -e "$1" && ! -d "$1" ]]; then echo "gpu_suite.sh: OUTDIR '$1' exists and is not a folder" >&2; exit 2; fi
+mkdir -p "$1"
+OUT=$(cd "$1" && pwd)
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+PY=${PYTHON:-python}
+BUDGET=${SUITE_BUDGET_S:-420}
+START=$SECONDS
+: > "$OUT/steps.tsv"
+
+summary() {
+  timeout 30 "$PY" -m skipfast.bench.gpu_summary "$OUT" > "$OUT/summary.log" 2>&1 \
+    || echo "gpu_suite.sh: the summary writer failed, see $OUT/summary.log" >&2
+  [[ -f "$OUT/summary.md" ]] && echo "[suite] summary: $OUT/summary.md"
+  return 0
+}
+trap summary EXIT
+
+# step NAME CAP_SECONDS COMMAND...: runs COMMAND with a timeout of min(CAP, time left),
+# logs to OUT/NAME.log, records "name<TAB>exit<TAB>seconds<TAB>log" in steps.tsv.
+step() {
+  local name=$1 cap=$2
+  shift 2
+  local left=$(( BUDGET - (SECONDS - START) ))
+  local t=$(( cap < left ? cap : left ))
+  if (( t < 15 )); then
+    printf '%s\tskipped\t0\t\n' "$name" >> "$OUT/steps.tsv"
+    echo "[suite] $name: skipped, no time left"
+    return 0
+  fi
+  echo "[suite] $name (timeout ${t}s)"
+  local t0=$SECONDS rc=0
+  timeout --kill-after=10 "$t" "$@" > "$OUT/$name.log" 2>&1 || rc=$?
+  printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( SECONDS - t0 ))" "$name.log" >> "$OUT/steps.tsv"
+  echo "[suite] $name: exit $rc after $(( SECONDS - t0 ))s"
+  return 0
+}
+
+# 0. the card
+if ! timeout 60 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" > /dev/null 2>&1; then
+  printf 'gpu-check\t1\t0\t\n' >> "$OUT/steps.tsv"
+  echo "gpu_suite.sh: torch sees no CUDA device; nothing to measure (summary written to $OUT)" >&2
+  exit 1
+fi
+timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT/gpu.txt" 2>/dev/null \
+  || timeout 20 "$PY" -c "import torch; print(torch.cuda.get_device_name(0) + ', unknown, unknown')" > "$OUT/gpu.txt"
+CAP=$(timeout 30 "$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))")
+echo "[suite] $(head -1 "$OUT/gpu.txt") (sm_${CAP/./}) -> $OUT"
+
+# 1. build for this card only
+step build 240 env TORCH_CUDA_ARCH_LIST="$CAP" SKIPFAST_BUILD_CUDA=1 MAX_JOBS="$(nproc)" \
+  "$PY" -m pip install --no-index --no-build-isolation --no-deps -e .
+
+step versions 60 "$PY" - "$OUT/versions.json" <<'PYEOF'
+import datetime, json, subprocess, sys
+import torch
+try:
+    import triton
+    tv = triton.__version__
+except ImportError:
+    tv = None
+import skipfast
+from skipfast import _backend
+commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
+doc = {"torch": torch.__version__, "torch_cuda": torch.version.cuda, "triton": tv, "skipfast": skipfast.__version__,
+       "extension": _backend.has_extension(), "cuda_kernels": _backend.has_cuda_kernels(), "git_commit": commit,
+       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+open(sys.argv[1], "w").write(json.dumps(doc, indent=1))
+print(doc)
+PYEOF
+
+# 2. GPU tests
+step gpu-tests 120 "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUT/pytest.xml" tests
+
+# 3. ceilings
+step ceilings 60 "$PY" -m skipfast.bench.ceilings --out "$OUT/ceilings.json"
+
+# 4. benchmarks (each writes its JSON after every case, so a cut run keeps what it measured)
+BENCH=("$PY" -m skipfast.bench --device cuda --no-progress)
+step bench-ops 90 "${BENCH[@]}" --cases add_relu,bn_add_relu \
+  --providers eager,eager-cl,compile,compile-max,skipfast --out "$OUT/bench-ops"
+step bench-blocks 120 "${BENCH[@]}" --cases ResidualBlock,BottleneckBlock,DenseBlock \
+  --providers eager,eager-cl,compile,skipfast --out "$OUT/bench-blocks"
+step bench-models 150 "${BENCH[@]}" --cases resnet18,resnet50,densenet121,unet \
+  --providers eager,eager-cl,compile,skipfast --out "$OUT/bench-models"
+
+echo "[suite] done in $(( SECONDS - START ))s"
