@@ -1,5 +1,7 @@
 """skipfast.models against torchvision: same state_dict keys (strict load) and the same
 outputs and gradients in eval and train mode."""
+import copy
+
 import pytest
 import torch
 import torchvision
@@ -17,13 +19,13 @@ def _pair(name, **kw):
     return tv, sf
 
 
-def _close(a, b):
+def _close(a, b, rel=1e-5):
     scale = max(b.abs().max().item(), 1.0)
-    assert (a - b).abs().max().item() <= 1e-5 * scale
+    assert (a - b).abs().max().item() <= rel * scale
 
 
 # Gradients are compared for one model of each block type; the deeper variants repeat
-# the same blocks, so for them outputs in eval and train mode are compared.
+# the same blocks, so for them outputs and running stats in train mode are compared.
 WITH_GRADS = {"resnet18", "resnet50", "densenet121"}
 
 
@@ -34,23 +36,37 @@ def test_matches_torchvision(name):
     tv.eval(), sf.eval()
     with torch.no_grad():
         _close(sf(x), tv(x))
-    tv.train(), sf.train()
-    if name not in WITH_GRADS:
+    sf64, tv64 = copy.deepcopy(sf).double(), copy.deepcopy(tv).double()
+    tv.train(), sf.train(), tv64.train(), sf64.train()
+    if name in WITH_GRADS:
+        # Train mode in fp32, DESIGN.md's rule: skipfast's error against the float64 model
+        # is at most twice torchvision's own fp32 error. (The input is larger than below:
+        # batch statistics over 2 values per channel make fp32 rounding chaotic.)
+        xl = torch.randn(4, 3, 64, 64)
         with torch.no_grad():
-            _close(sf(x), tv(x))
-        for ba, bb in zip(sf.buffers(), tv.buffers()):
-            _close(ba.double(), bb.double())
+            ref = copy.deepcopy(tv64)(xl.double())
+            err_sf = (sf(xl).double() - ref).abs().max().item()
+            err_tv = (tv(xl).double() - ref).abs().max().item()
+        assert err_sf <= 2 * err_tv + 1e-6 * ref.abs().max().item()
+    # Train mode in float64: the same function (outputs, running stats, gradients). With
+    # gradients the input is 64x64: at 32x32 the last BN sees 2 values per channel and the
+    # input gradient reaches 1e8, ill-conditioned even in float64.
+    if name in WITH_GRADS:
+        x = torch.randn(2, 3, 64, 64)
+    x64, xb = x.double().requires_grad_(), x.double().requires_grad_()
+    y_tv = tv64(xb)  # each model runs once here: train mode updates the running stats
+    ref = y_tv.detach()
+    y_sf = sf64(x64)
+    _close(y_sf, ref, rel=1e-8)
+    for (n, ba), (_, bb) in zip(sf64.named_buffers(), tv64.named_buffers()):
+        _close(ba.double(), bb.double(), rel=1e-8)
+    if name not in WITH_GRADS:
         return
-    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ya, yb = sf(xa), tv(xb)
-    _close(ya, yb)
-    g = torch.randn_like(ya)
-    ya.backward(g), yb.backward(g)
-    _close(xa.grad, xb.grad)
-    for (n, pa), (_, pb) in zip(sf.named_parameters(), tv.named_parameters()):
-        _close(pa.grad, pb.grad)
-    for (n, ba), (_, bb) in zip(sf.named_buffers(), tv.named_buffers()):
-        _close(ba.double(), bb.double())
+    g = torch.randn_like(y_sf)
+    y_sf.backward(g), y_tv.backward(g)
+    _close(x64.grad, xb.grad, rel=1e-8)
+    for (n, pa), (_, pb) in zip(sf64.named_parameters(), tv64.named_parameters()):
+        _close(pa.grad, pb.grad, rel=1e-8)
 
 
 def test_state_dict_keys_identical():
