@@ -208,8 +208,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_conv1x1_backward_cpu(
     });
   });
   auto dopt = at::TensorOptions().dtype(at::kDouble);
-  auto gscale = at::from_blob(sum_gx.data(), {C}, dopt).to(x_in.scalar_type());
-  auto gshift = at::from_blob(sum_g.data(), {C}, dopt).to(x_in.scalar_type());
+  auto gscale = at::from_blob(sum_gx.data(), {C}, dopt).to(x_in.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
+  auto gshift = at::from_blob(sum_g.data(), {C}, dopt).to(x_in.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
   return {gscale, gshift, grad_w.view({Cout, C, 1, 1})};
 }
 
@@ -266,8 +266,8 @@ std::tuple<at::Tensor, at::Tensor> channel_stats_cpu(const at::Tensor& x_in) {
     }
   });
   auto dopt = at::TensorOptions().dtype(at::kDouble);
-  return {at::from_blob(s.data(), {C}, dopt).to(x_in.scalar_type()),
-          at::from_blob(ss.data(), {C}, dopt).to(x_in.scalar_type())};
+  return {at::from_blob(s.data(), {C}, dopt).to(x_in.scalar_type(), /*non_blocking=*/false, /*copy=*/true),
+          at::from_blob(ss.data(), {C}, dopt).to(x_in.scalar_type(), /*non_blocking=*/false, /*copy=*/true)};
 }
 
 }  // namespace

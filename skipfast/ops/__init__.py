@@ -4,3 +4,6 @@ from .add_relu import add_relu, add_relu_reference
 from .highway import highway, highway_reference
 
 __all__ = ["add_relu", "add_relu_reference", "highway", "highway_reference"]
+from .dense import bn_relu_conv1x1, bn_relu_conv1x1_reference, dense_block, dense_block_reference
+
+__all__ += ["bn_relu_conv1x1", "bn_relu_conv1x1_reference", "dense_block", "dense_block_reference"]
