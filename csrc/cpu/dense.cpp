@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
@@ -104,6 +105,9 @@ at::Tensor bn_relu_conv1x1_cpu(const at::Tensor& x_in, const at::Tensor& scale, 
   AT_DISPATCH_FLOATING_TYPES(x_in.scalar_type(), "dense_bn_relu_conv1x1_cpu", [&] {
     const scalar_t* xp = xr.t.const_data_ptr<scalar_t>();
     at::parallel_for(0, ntiles, 1, [&](int64_t begin, int64_t end) {
+      // Worker threads do not inherit the caller's dispatch state: the GEMMs below are plain
+      // kernels, never autograd ops.
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
       auto tile = at::empty({T, C}, x_in.options());
       for (int64_t t = begin; t < end; ++t) {
         const int64_t r0 = t * T, rows = std::min(T, M - r0);
@@ -155,6 +159,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_conv1x1_backward_cpu(
     const scalar_t* scp = sc.const_data_ptr<scalar_t>();
     const scalar_t* shp = sh.const_data_ptr<scalar_t>();
     at::parallel_for(0, ntiles, 1, [&](int64_t begin, int64_t end) {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
       auto gh = at::empty({T, C}, x_in.options());
       auto h = at::empty({T, C}, x_in.options());
       auto gw_local = at::zeros({Cout, C}, x_in.options());

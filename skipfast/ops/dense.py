@@ -136,7 +136,7 @@ if _backend.has_extension():
     @torch.library.register_fake("skipfast::dense_bn_relu_conv1x1")
     def _(x, scale, shift, weight):
         n, _c_in, h, w = x.shape
-        return x.new_empty((n, weight.shape[0], h, w), memory_format=_CL)
+        return torch.empty((n, weight.shape[0], h, w), dtype=x.dtype, device=x.device, memory_format=_CL)
 
     @torch.library.register_fake("skipfast::dense_bn_relu_conv1x1_backward_")
     def _(grad_out, x, scale, shift, weight, grad_x):
