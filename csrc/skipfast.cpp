@@ -44,6 +44,15 @@ TORCH_LIBRARY(skipfast, m) {
         "-> (Tensor out, Tensor mean, Tensor var, Tensor invstd, Tensor mask)");
 
   // ---- dense: concat-free dense blocks ----
+  // conv1x1(relu(x * scale + shift), weight): x may be a channel prefix of a channels_last
+  // block buffer, read in place; the normalized tensor is never materialized.
+  m.def("dense_bn_relu_conv1x1(Tensor x, Tensor scale, Tensor shift, Tensor weight) -> Tensor");
+  // Accumulates g * scale into grad_x (g = gradient at x * scale + shift) and returns
+  // (sum of g * x, sum of g, grad_weight).
+  m.def("dense_bn_relu_conv1x1_backward_(Tensor grad_out, Tensor x, Tensor scale, Tensor shift, Tensor weight, "
+        "Tensor(a!) grad_x) -> (Tensor, Tensor, Tensor)");
+  // Per-channel mean and biased variance over (N, H, W).
+  m.def("dense_channel_stats(Tensor x) -> (Tensor, Tensor)");
 
   // ---- conv: convolution with fused bias + residual + relu epilogue ----
   m.def("conv2d_bias_act(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "

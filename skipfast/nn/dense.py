@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _backend
+from ..ops import dense as _dense
 from . import _checks
 
 
@@ -43,7 +45,12 @@ class DenseLayer(nn.Module):
 
 class DenseBlock(nn.Module):
     """``num_layers`` dense layers; layer ``l`` reads every earlier feature map.
-    Output: ``in_channels + num_layers * growth_rate`` channels."""
+    Output: ``in_channels + num_layers * growth_rate`` channels, channels_last.
+
+    No ``torch.cat``: the block allocates one buffer, each layer writes its new channels
+    into its own slice and the next layer's BN -> ReLU -> conv reads the buffer's channel
+    prefix in place (``skipfast.ops.dense``). ``forward(x, out=buffer)`` writes into a
+    preallocated channels_last buffer with at least ``out_channels`` channels."""
 
     def __init__(self, in_channels: int, growth_rate: int, num_layers: int, bn_size: int | None = None, drop_rate: float = 0.0):
         super().__init__()
@@ -59,12 +66,12 @@ class DenseBlock(nn.Module):
     def layers(self):
         return [getattr(self, f"denselayer{i + 1}") for i in range(self.num_layers)]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         _checks.feature_map(self, x, self.in_channels)
-        features = [x]
-        for layer in self.layers():
-            features.append(layer(torch.cat(features, 1)))
-        return torch.cat(features, 1)
+        if out is None and (_backend.select("dense", x.device) == "reference"
+                            or torch.is_autocast_enabled(x.device.type)):
+            return _dense.dense_block_reference(self.layers(), x)
+        return _dense.dense_block(self.layers(), self.growth_rate, x, out=out)
 
 
 class Transition(nn.Sequential):
