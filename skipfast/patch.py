@@ -160,24 +160,31 @@ def _rewrite(gm: fx.GraphModule) -> list[str]:
 
 # ---------------------------------------------------------------- class path
 
-def _swap_blocks(model: nn.Module) -> tuple[list[tuple[nn.Module, str, nn.Module]], list[str]]:
-    """Plan the class swap without touching the model: (parent, attribute, new module)."""
+def _swap_blocks(model: nn.Module, dense_blocks: bool = True, residual_blocks: bool = True) -> list[tuple]:
+    """Plan the class swap without touching the model: (parent, attribute, new module,
+    qualified name, old class name)."""
+    from torchvision.models.densenet import _DenseBlock
     from torchvision.models.resnet import BasicBlock, Bottleneck
 
     from .nn.blocks import BottleneckBlock, ResidualBlock
+    from .nn.dense import DenseBlock
 
     plan = []
     for name, mod in model.named_modules():
         for child_name, child in mod.named_children():
             full = f"{name}.{child_name}" if name else child_name
+            if not residual_blocks and type(child) is not _DenseBlock:
+                continue
             if type(child) is BasicBlock and child.conv1.groups == 1 and child.conv1.dilation == (1, 1):
                 new = ResidualBlock.shared_from(child)
             elif type(child) is Bottleneck and child.conv2.groups == 1 and child.conv2.dilation == (1, 1) \
                     and child.conv1.out_channels * 4 == child.conv3.out_channels:
                 new = BottleneckBlock.shared_from(child)
+            elif type(child) is _DenseBlock and dense_blocks and child.denselayer1.drop_rate == 0:
+                new = DenseBlock.shared_from(child)
             else:
                 continue
-            plan.append((mod, child_name, new, full, type(child).__name__))
+            plan.append((mod, child_name, new, full, child))
     return plan
 
 
@@ -186,34 +193,66 @@ def _untouched_bns(model: nn.Module, covered: set[int]) -> list[str]:
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in covered]
 
 
+class _Tracer(fx.Tracer):
+    """symbolic_trace's tracer, with skipfast's own modules kept whole (already fused)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return type(m).__module__.startswith("skipfast.") or super().is_leaf_module(m, qualname)
+
+
+def _trace(model: nn.Module) -> fx.GraphModule:
+    graph = _Tracer().trace(model)
+    return fx.GraphModule(model, graph, type(model).__name__)
+
+
+def _apply(plan) -> None:
+    for parent, attr, new, _, _ in plan:
+        setattr(parent, attr, new)
+
+
+def _undo(plan) -> None:
+    for parent, attr, _, _, old in plan:
+        setattr(parent, attr, old)
+
+
+def _describe(plan) -> list[str]:
+    return [f"{full} ({type(old).__name__} -> {type(new).__name__})" for _, _, new, full, old in plan]
+
+
 def patch(model: nn.Module, *, inplace: bool = True, report: bool = False, use_fx: bool = True):
     """Route ``model``'s conv/BN/add/ReLU chains through skipfast. Returns the patched model
-    (a GraphModule on the fx path), or ``(model, PatchReport)`` with ``report=True``."""
+    (a GraphModule on the fx path), or ``(model, PatchReport)`` with ``report=True``.
+
+    torchvision DenseNet blocks are always swapped in place for skipfast's concat-free
+    ``DenseBlock`` (no graph rewrite can remove the concatenation)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"skipfast.patch: model must be an nn.Module, got {type(model).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
-    result, rep = model, None
-    if use_fx:
-        try:
-            gm = fx.symbolic_trace(model)
-        except Exception as exc:  # noqa: BLE001 - any tracing failure means: use the class path
-            reason = f"fx could not trace {type(model).__name__}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-        else:
-            gm.train(model.training)
-            replaced = _rewrite(gm)
-            covered = {id(m.bn) for m in gm.modules() if isinstance(m, ConvBNAct)}
-            rep = PatchReport("fx", replaced, _untouched_bns(gm, covered))
-            result = gm if replaced else model
-    else:
-        reason = "fx disabled by the caller"
-    if rep is None:
-        plan = _swap_blocks(model)
-        for parent, attr, new, _, _ in plan:
-            setattr(parent, attr, new)
-        covered = {id(m) for _, _, new, _, _ in plan for m in new.modules()}
-        rep = PatchReport("classes", [f"{full} ({cls} -> {type(new).__name__})" for _, _, new, full, cls in plan],
-                          _untouched_bns(model, covered), reason)
+    dense = _swap_blocks(model, dense_blocks=True, residual_blocks=False)
+    _apply(dense)
+    result, rep, reason = model, None, "fx disabled by the caller"
+    try:
+        if use_fx:
+            try:
+                gm = _trace(model)
+            except Exception as exc:  # noqa: BLE001 - any tracing failure means: use the class path
+                reason = f"fx could not trace {type(model).__name__}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            else:
+                gm.train(model.training)
+                replaced = _rewrite(gm)
+                covered = {id(m.bn) for m in gm.modules() if isinstance(m, ConvBNAct)}
+                covered |= {id(m) for _, _, new, _, _ in dense for m in new.modules()}
+                rep = PatchReport("fx", _describe(dense) + replaced, _untouched_bns(gm, covered))
+                result = gm if replaced else model
+        if rep is None:
+            plan = _swap_blocks(model, dense_blocks=False)
+            _apply(plan)
+            covered = {id(m) for _, _, new, _, _ in dense + plan for m in new.modules()}
+            rep = PatchReport("classes", _describe(dense + plan), _untouched_bns(model, covered), reason)
+    except BaseException:
+        _undo(dense)  # nothing half-patched after an error
+        raise
     if not rep.replaced:
         rep.path = "none"
         log.warning("skipfast.patch: nothing recognised in %s; the model is unchanged", type(model).__name__)

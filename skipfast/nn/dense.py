@@ -63,6 +63,21 @@ class DenseBlock(nn.Module):
             layer = DenseLayer(in_channels + i * growth_rate, growth_rate, bn_size, drop_rate)
             self.add_module(f"denselayer{i + 1}", layer)
 
+    @classmethod
+    def shared_from(cls, block: nn.Module) -> "DenseBlock":
+        """The skipfast block over a torchvision ``_DenseBlock``'s own layers' tensors
+        (same parameters and buffers, no copies)."""
+        layers = list(block.children())
+        first = layers[0]
+        growth = first.conv2.out_channels
+        new = cls(first.norm1.num_features, growth, len(layers), bn_size=first.conv1.out_channels // growth,
+                  drop_rate=float(first.drop_rate))
+        for mine, theirs in zip(new.layers(), layers):
+            for name in ("norm1", "conv1", "norm2", "conv2"):
+                setattr(mine, name, getattr(theirs, name))
+        new.train(block.training)
+        return new
+
     def layers(self):
         return [getattr(self, f"denselayer{i + 1}") for i in range(self.num_layers)]
 
