@@ -35,6 +35,9 @@ TORCH_LIBRARY(skipfast, m) {
   // ---- conv: convolution with fused bias + residual + relu epilogue ----
 
   // ---- highway: h * t + x * (1 - t) ----
+  // t = sigmoid(gate); backward recomputes t from (h, gate, x) and returns (dh, dgate, dx).
+  m.def("highway(Tensor h, Tensor gate, Tensor x) -> Tensor");
+  m.def("highway_backward(Tensor grad, Tensor h, Tensor gate, Tensor x) -> (Tensor, Tensor, Tensor)");
 
   // ---- unet: two-source decoder convolution ----
 }
