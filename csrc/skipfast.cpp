@@ -40,4 +40,6 @@ TORCH_LIBRARY(skipfast, m) {
   m.def("highway_backward(Tensor grad, Tensor h, Tensor gate, Tensor x) -> (Tensor, Tensor, Tensor)");
 
   // ---- unet: two-source decoder convolution ----
+  // concat_conv2d has no C++ kernel: on CPU (and cuDNN) it is an ATen composition and on
+  // GPU a Triton triton_op, both registered from skipfast/ops/unet.py.
 }
