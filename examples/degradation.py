@@ -3,8 +3,9 @@
 Trains four CIFAR-style networks (He et al. 2016, section 4.2: 6n+2 weight layers,
 three stages of widths w, 2w, 4w) for the same number of steps on a synthetic
 10-class image set generated here: plain-20, plain-56, residual-20 and residual-56.
-The residual networks are built from ``skipfast.ResidualBlock``; the plain ones are the
-same blocks without the shortcut. Prints the four final training losses and plots the
+The residual networks are built from ``skipfast.ResidualBlock`` (last BN of each block
+initialised to zero, so every block starts as the identity); the plain ones are the same
+blocks without the shortcut. Prints the four final training losses and plots the
 curves.
 
     python examples/degradation.py            # default: a few minutes on a 2-core CPU
@@ -50,6 +51,10 @@ def cifar_net(depth: int, residual: bool, width: int, classes: int = 10) -> nn.S
     for m in net.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    if residual:  # each block starts as the identity (Goyal et al. 2017; torchvision's zero_init_residual)
+        for m in net.modules():
+            if isinstance(m, skipfast.ResidualBlock):
+                nn.init.zeros_(m.get_parameter("bn2.weight"))
     return net
 
 
@@ -99,11 +104,11 @@ def smooth(values: list[float], k: int) -> list[float]:
 def main(argv=None) -> dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes: under a minute on 2 CPU cores")
-    p.add_argument("--steps", type=int, help="training steps per network (default 400, quick 60)")
+    p.add_argument("--steps", type=int, help="training steps per network (default 300, quick 40)")
     p.add_argument("--width", type=int, help="first-stage channels (default 8, quick 4)")
     p.add_argument("--size", type=int, help="image size (default 16, quick 8)")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--samples", type=int, default=4096, help="training set size")
+    p.add_argument("--samples", type=int, help="training set size (default 4096, quick 1024)")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
@@ -111,12 +116,13 @@ def main(argv=None) -> dict[str, float]:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    steps = args.steps or (60 if args.quick else 400)
+    steps = args.steps or (40 if args.quick else 300)
     width = args.width or (4 if args.quick else 8)
     size = args.size or (8 if args.quick else 16)
+    samples = args.samples or (1024 if args.quick else 4096)
 
-    x, y = synthetic_images(args.samples, size, seed=args.seed)
-    print(f"synthetic set: {args.samples} images 3x{size}x{size}, 10 classes; {steps} steps of batch {args.batch}, "
+    x, y = synthetic_images(samples, size, seed=args.seed)
+    print(f"synthetic set: {samples} images 3x{size}x{size}, 10 classes; {steps} steps of batch {args.batch}, "
           f"SGD lr {args.lr}, width {width}, threads {torch.get_num_threads()}")
     curves, final = {}, {}
     window = max(steps // 10, 1)

@@ -104,22 +104,20 @@ def main(argv=None) -> dict[str, int]:
         torch.set_num_threads(args.threads)
     batch, size, warmup, reps = (2, 64, 1, 1) if args.quick else (8, 224, 1, 3)
 
-    counts = {}
+    counts, models = {}, {}
     print(f"{'model':<12}{'params':>14}{'':>8}{'MACs/image':>14}{'torchvision params':>20}")
     for name, (stages, tv_builder) in VARIANTS.items():
         torch.manual_seed(0)
         ours, tv = BottleneckResNet(stages), tv_builder()
         ours.load_state_dict(tv.state_dict(), strict=True)  # same names, same shapes
+        models[name] = ours, tv
         counts[name] = count_params(ours)
         print(f"{name:<12}{counts[name]:>14,}{counts[name] / 1e6:>7.1f}M{count_macs(ours) / 1e9:>13.2f}G"
               f"{count_params(tv):>20,}", flush=True)
     print(f"\nforward+backward, batch {batch} of 3x{size}x{size}, median of {reps}, {torch.get_num_threads()} threads")
     print(f"{'model':<12}{'torchvision ms':>16}{'skipfast ms':>14}{'speedup':>9}")
-    for name, (stages, tv_builder) in VARIANTS.items():
-        torch.manual_seed(0)
-        ours, tv = BottleneckResNet(stages), tv_builder()
-        ours.load_state_dict(tv.state_dict())
-        x = torch.randn(batch, 3, size, size)
+    x = torch.randn(batch, 3, size, size)
+    for name, (ours, tv) in models.items():
         t_tv = fwd_bwd_ms(tv, x, warmup, reps)
         t_sf = fwd_bwd_ms(ours, x, warmup, reps)
         print(f"{name:<12}{t_tv:>16.1f}{t_sf:>14.1f}{t_tv / t_sf:>8.2f}x", flush=True)

@@ -123,8 +123,8 @@ def save_examples(path: str, x, pred, y, k: int = 4) -> None:
 def main(argv=None) -> dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny images, few steps (seconds); prints its Dice")
-    p.add_argument("--epochs", type=int, help="default 12, quick 2")
-    p.add_argument("--train", type=int, help="training images (default 768, quick 48)")
+    p.add_argument("--epochs", type=int, help="default 5, quick 2")
+    p.add_argument("--train", type=int, help="training images (default 640, quick 48)")
     p.add_argument("--val", type=int, help="validation images (default 128, quick 16)")
     p.add_argument("--size", type=int, help="image size (default 64, quick 32)")
     p.add_argument("--base-channels", type=int, help="U-Net width (default 16, quick 8)")
@@ -138,8 +138,8 @@ def main(argv=None) -> dict[str, float]:
     if args.threads:
         torch.set_num_threads(args.threads)
     q = args.quick
-    epochs = args.epochs or (2 if q else 12)
-    n_train, n_val = args.train or (48 if q else 768), args.val or (16 if q else 128)
+    epochs = args.epochs or (2 if q else 5)
+    n_train, n_val = args.train or (48 if q else 640), args.val or (16 if q else 128)
     size = args.size or (32 if q else 64)
     base, depth = args.base_channels or (8 if q else 16), args.depth or (2 if q else 3)
 

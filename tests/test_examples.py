@@ -66,3 +66,27 @@ def test_train_unet_cells(tmp_path):
     assert 0 <= iou <= dice <= 1, out
     assert len(re.findall(r"^epoch\s+\d+: train loss [\d.]+", out, re.M)) == 2, out
     assert (tmp_path / "unet_cells.png").stat().st_size > 0
+
+
+def test_gradient_norms_matches_backward_and_leaves_grad_alone():
+    import torch
+
+    from skipfast.diagnostics import gradient_norms
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2), torch.nn.Linear(5, 5))
+    x = torch.randn(6, 4)
+    norms = gradient_norms(model, model[:3](x).square().sum(), retain_graph=False)
+    assert list(norms) == [n for n, _ in model.named_parameters()]
+    assert all(p.grad is None for p in model.parameters())
+    model[:3](x).square().sum().backward()
+    for name, p in model.named_parameters():
+        expected = 0.0 if p.grad is None else p.grad.norm().item()
+        assert norms[name] == pytest.approx(expected, rel=1e-6), name
+    assert norms["3.weight"] == 0.0  # not reached by the loss
+    with pytest.raises(ValueError, match="gradient_norms: loss must be a scalar tensor, got shape"):
+        gradient_norms(model, model[:3](x))
+    with pytest.raises(ValueError, match="gradient_norms: loss does not require grad"):
+        with torch.no_grad():
+            gradient_norms(model, model[:3](x).sum())
+    with pytest.raises(TypeError, match="gradient_norms: model must be a torch.nn.Module"):
+        gradient_norms(lambda t: t, torch.ones((), requires_grad=True))

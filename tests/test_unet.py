@@ -199,3 +199,14 @@ def test_cuda_triton_matches_reference():
         assert_close_fp32(skipfast.ops.concat_conv2d(a, e, w, b, 1), ref)
     lo = [t.half() for t in (a, e, w, b)]
     assert_low_precision_ok(tk.concat_conv2d(*lo, 1), concat_conv2d_reference(*lo, 1), ref)
+
+
+def test_unet_under_cpu_autocast_matches_eager_concat():
+    m = _unet()
+    x = torch.randn(2, 2, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+        with backend("reference"):
+            y_ref = m(x)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=0.05, atol=0.05)

@@ -65,7 +65,12 @@ def _check(a, e, weight, bias, padding) -> None:
 def concat_conv2d(a: torch.Tensor, e: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   padding: int = 0) -> torch.Tensor:
     """``conv2d(cat([a, e], 1), weight, bias, padding=padding)`` without the concatenation.
-    ``weight`` is ``[Cout, Ca + Ce, KH, KW]`` (one tensor over both sources)."""
+    ``weight`` is ``[Cout, Ca + Ce, KH, KW]`` (one tensor over both sources). Under
+    autocast every input is cast to the autocast dtype, as ``conv2d`` does."""
+    if isinstance(a, torch.Tensor) and torch.is_autocast_enabled(a.device.type):
+        dtype = torch.get_autocast_dtype(a.device.type)
+        a, e, weight, bias = (t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                              for t in (a, e, weight, bias))
     _check(a, e, weight, bias, padding)
     backend = _backend.select("unet", a.device)
     if backend == "triton":
