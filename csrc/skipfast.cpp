@@ -59,6 +59,11 @@ TORCH_LIBRARY(skipfast, m) {
         "int[2] dilation, int groups, Tensor? residual, str? activation) -> Tensor");
 
   // ---- highway: h * t + x * (1 - t) ----
+  // t = sigmoid(gate); backward recomputes t from (h, gate, x) and returns (dh, dgate, dx).
+  m.def("highway(Tensor h, Tensor gate, Tensor x) -> Tensor");
+  m.def("highway_backward(Tensor grad, Tensor h, Tensor gate, Tensor x) -> (Tensor, Tensor, Tensor)");
 
   // ---- unet: two-source decoder convolution ----
+  // concat_conv2d has no C++ kernel: on CPU (and cuDNN) it is an ATen composition and on
+  // GPU a Triton triton_op, both registered from skipfast/ops/unet.py.
 }

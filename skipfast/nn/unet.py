@@ -1,10 +1,15 @@
-"""U-Net: encoder of double convs, decoder that upsamples and concatenates the skip."""
+"""U-Net: encoder of double convs; decoder that upsamples and convolves over the
+upsampled tensor and the skip together without concatenating them
+(``skipfast.ops.concat_conv2d``)."""
 from __future__ import annotations
+
+import itertools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from . import _checks
 
 
@@ -23,7 +28,11 @@ class DoubleConv(nn.Sequential):
 
 
 class Up(nn.Module):
-    """2x transposed-conv upsampling, concatenation with the skip, DoubleConv."""
+    """2x transposed-conv upsampling, then DoubleConv over ``cat([up(x), skip])``.
+
+    The first convolution reads both sources in place (its weight stays one tensor over
+    both, as in the eager module, so state_dicts are unchanged): no concatenated copy is
+    made, nor kept for backward."""
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
@@ -31,7 +40,11 @@ class Up(nn.Module):
         self.conv = DoubleConv(2 * out_channels, out_channels)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        return self.conv(torch.cat([self.up(x), skip], 1))
+        first = self.conv[0]
+        out = ops.concat_conv2d(self.up(x), skip, first.weight, first.bias, padding=first.padding[0])
+        for layer in itertools.islice(self.conv, 1, None):
+            out = layer(out)
+        return out
 
 
 class UNet(nn.Module):
