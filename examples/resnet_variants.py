@@ -57,25 +57,15 @@ def count_params(model: nn.Module) -> int:
 
 
 def count_macs(model: nn.Module, size: int = 224) -> int:
-    """Multiply-accumulates of one forward pass on one image (convolutions and linear layers)."""
-    total = 0
+    """Multiply-accumulates of one forward pass on one image (convolutions and matrix
+    products, counted by torch's FlopCounterMode: 2 FLOPs per MAC). skipfast's fused
+    convolution registers its own formula, so the eval-mode fused path is counted too."""
+    from torch.utils.flop_counter import FlopCounterMode
 
-    def conv_hook(m, inp, out):
-        nonlocal total
-        total += out[0].numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
-
-    def linear_hook(m, inp, out):
-        nonlocal total
-        total += m.in_features * m.out_features
-
-    hooks = [m.register_forward_hook(conv_hook if isinstance(m, nn.Conv2d) else linear_hook)
-             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(torch.zeros(1, 3, size, size))
-    for h in hooks:
-        h.remove()
-    return total
+    return counter.get_total_flops() // 2
 
 
 def fwd_bwd_ms(model: nn.Module, x: torch.Tensor, warmup: int, reps: int) -> float:

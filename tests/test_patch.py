@@ -146,3 +146,23 @@ def test_nothing_recognised_returns_model_unchanged(caplog):
 def test_not_a_module():
     with pytest.raises(TypeError, match="skipfast.patch: model must be an nn.Module, got str"):
         skipfast.patch("resnet")
+
+
+def test_torchvision_densenet_swaps_dense_blocks():
+    torch.manual_seed(0)
+    orig = torchvision.models.DenseNet(growth_rate=8, block_config=(2, 3), num_init_features=16, num_classes=5)
+    _randomize_bn(orig)
+    ref = copy.deepcopy(orig)
+    conv = orig.features.denseblock1.denselayer2.conv1
+    patched, rep = skipfast.patch(orig, report=True)
+    assert rep.path == "fx"
+    assert isinstance(orig.features.denseblock1, skipfast.DenseBlock)
+    assert patched.features.denseblock1.denselayer2.conv1 is conv  # the model's own modules
+    assert any("denseblock2 (_DenseBlock -> DenseBlock)" in r for r in rep.replaced), rep
+    x = torch.randn(2, 3, 32, 32)
+    orig.eval(), ref.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(patched(x), ref(x), rtol=1e-4, atol=1e-4)
+    patched.double(), ref.double()
+    _check_equivalent(ref, patched, x.double())
+    assert list(patched.state_dict()) == list(ref.state_dict())

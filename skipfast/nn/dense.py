@@ -78,13 +78,19 @@ class DenseBlock(nn.Module):
         new.train(block.training)
         return new
 
+    def _plain_norms(self) -> bool:
+        """The fused block computes nn.BatchNorm2d's statistics itself; any other norm (a
+        SyncBatchNormAct2d after convert_sync_batchnorm, say) runs through its own module."""
+        return all(type(m) is nn.BatchNorm2d for layer in self.layers() for m in layer.modules()
+                   if isinstance(m, nn.modules.batchnorm._BatchNorm))
+
     def layers(self):
         return [getattr(self, f"denselayer{i + 1}") for i in range(self.num_layers)]
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         _checks.feature_map(self, x, self.in_channels)
         if out is None and (_backend.select("dense", x.device) == "reference"
-                            or torch.is_autocast_enabled(x.device.type)):
+                            or torch.is_autocast_enabled(x.device.type) or not self._plain_norms()):
             return _dense.dense_block_reference(self.layers(), x)
         return _dense.dense_block(self.layers(), self.growth_rate, x, out=out)
 

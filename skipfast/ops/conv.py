@@ -106,6 +106,12 @@ def prepack_weight(weight, *, stride, padding, dilation, groups, input_size=None
 
 if _backend.has_extension():
 
+    from torch.utils.flop_counter import conv_flop_count, register_flop_formula
+
+    @register_flop_formula(torch.ops.skipfast.conv2d_bias_act)
+    def _(x_shape, w_shape, *args, out_shape=None, **kwargs):
+        return conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
+
     @torch.library.register_fake("skipfast::conv2d_bias_act")
     def _(x, weight, bias, stride, padding, dilation, groups, residual, activation):
         n, _, h, w = x.shape
