@@ -3,7 +3,6 @@ skipfast.patch (BN folded, bias + residual + ReLU in the convolution's epilogue)
 
     pytest benchmarks/test_patch_bench.py --benchmark-only --benchmark-group-by=param:name,param:batch
 """
-import copy
 
 import pytest
 import torch

@@ -2,10 +2,8 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import skipfast
-from skipfast.ops import bn_act
 from skipfast.ops.bn_act import batch_norm_act, batch_norm_act_reference
 
 from helpers import assert_close_fp32, assert_low_precision_ok, backend, saved_bytes

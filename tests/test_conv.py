@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import skipfast
 from skipfast.fold import FoldedConvBN, fold_bn
 from skipfast.kernels import conv as tk
 from skipfast.ops.conv import conv2d_bias_act, conv2d_bias_act_reference, prepack_weight

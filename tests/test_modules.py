@@ -6,7 +6,6 @@ import pytest
 import torch
 import torchvision
 
-import skipfast
 from skipfast import BottleneckBlock, DenseBlock, DenseLayer, Highway, Highway2d, ResidualBlock, Transition, UNet
 
 
