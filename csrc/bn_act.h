@@ -148,6 +148,8 @@ C10_HOST_DEVICE inline T grad_input(T dy_masked, T x, T mean, const BackwardCoef
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
+#include "common.h"
+
 namespace skipfast {
 namespace bn_act {
 
@@ -190,6 +192,51 @@ inline void check_training_count(const char* op, const at::Tensor& x) {
 
 inline const at::Tensor* opt(const std::optional<at::Tensor>& t) {
   return (t.has_value() && t->defined()) ? &*t : nullptr;
+}
+
+// Each op's argument checks, shared by the CPU and CUDA kernels.
+inline void check_apply_args(const char* op, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
+                             const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                             const std::optional<at::Tensor>& residual) {
+  check_channel_vector(op, "mean", mean, x);
+  check_channel_vector(op, "invstd", invstd, x);
+  check_opt_channel_vector(op, "weight", weight, x);
+  check_opt_channel_vector(op, "bias", bias, x);
+  if (opt(residual)) check_same_shape(op, "residual", *opt(residual), x);
+}
+
+inline void check_train_args(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                             const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual) {
+  check_training_count(op, x);
+  check_opt_channel_vector(op, "weight", weight, x);
+  check_opt_channel_vector(op, "bias", bias, x);
+  if (opt(residual)) check_same_shape(op, "residual", *opt(residual), x);
+}
+
+inline void check_backward_reduce_args(const char* op, const at::Tensor& grad_out, const at::Tensor& x,
+                                       const at::Tensor& mean, const at::Tensor& invstd,
+                                       const std::optional<at::Tensor>& mask) {
+  check_same_shape(op, "grad_out", grad_out, x);
+  check_channel_vector(op, "mean", mean, x);
+  check_channel_vector(op, "invstd", invstd, x);
+  if (opt(mask)) check_mask(op, *opt(mask), x);
+}
+
+inline void check_backward_elemt_args(const char* op, const at::Tensor& grad_out, const at::Tensor& x,
+                                      const at::Tensor& mean, const at::Tensor& invstd,
+                                      const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& mask,
+                                      const std::optional<at::Tensor>& sum_dy,
+                                      const std::optional<at::Tensor>& sum_dy_xhat, int64_t count) {
+  check_same_shape(op, "grad_out", grad_out, x);
+  check_channel_vector(op, "mean", mean, x);
+  check_channel_vector(op, "invstd", invstd, x);
+  check_opt_channel_vector(op, "weight", weight, x);
+  check_opt_channel_vector(op, "sum_dy", sum_dy, x);
+  check_opt_channel_vector(op, "sum_dy_xhat", sum_dy_xhat, x);
+  TORCH_CHECK(bool(opt(sum_dy)) == bool(opt(sum_dy_xhat)), op,
+              ": sum_dy and sum_dy_xhat must both be given (training) or both be None (eval)");
+  TORCH_CHECK(!opt(sum_dy) || count > 0, op, ": count must be positive in training, got ", count);
+  if (opt(mask)) check_mask(op, *opt(mask), x);
 }
 
 }  // namespace bn_act

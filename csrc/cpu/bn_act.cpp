@@ -501,11 +501,7 @@ std::tuple<at::Tensor, at::Tensor> apply_cpu(const at::Tensor& x, const at::Tens
                                              const std::optional<at::Tensor>& residual, bool relu) {
   constexpr const char* op = "skipfast.bn_act_apply";
   check_x(op, x);
-  check_channel_vector(op, "mean", mean, x);
-  check_channel_vector(op, "invstd", invstd, x);
-  check_opt_channel_vector(op, "weight", weight, x);
-  check_opt_channel_vector(op, "bias", bias, x);
-  if (opt(residual)) check_same_shape(op, "residual", *opt(residual), x);
+  check_apply_args(op, x, mean, invstd, weight, bias, residual);
   auto xc = x.contiguous(layout_of(x));
   auto [out, mask] = new_out_and_mask(xc, relu);
   apply_impl(xc, mean, invstd, weight, bias, residual, out, mask);
@@ -517,10 +513,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> train_cpu
     const std::optional<at::Tensor>& residual, double eps, bool relu) {
   constexpr const char* op = "skipfast.bn_act_train";
   check_x(op, x);
-  check_training_count(op, x);
-  check_opt_channel_vector(op, "weight", weight, x);
-  check_opt_channel_vector(op, "bias", bias, x);
-  if (opt(residual)) check_same_shape(op, "residual", *opt(residual), x);
+  check_train_args(op, x, weight, bias, residual);
   auto xc = x.contiguous(layout_of(x));
   const int64_t C = x.size(1);
   auto opts = x.options().dtype(stat_dtype(x));
@@ -545,10 +538,7 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(const at::Tensor& grad_ou
                                                        const std::optional<at::Tensor>& mask) {
   constexpr const char* op = "skipfast.bn_act_backward_reduce";
   check_x(op, x);
-  check_same_shape(op, "grad_out", grad_out, x);
-  check_channel_vector(op, "mean", mean, x);
-  check_channel_vector(op, "invstd", invstd, x);
-  if (opt(mask)) check_mask(op, *opt(mask), x);
+  check_backward_reduce_args(op, grad_out, x, mean, invstd, mask);
   const auto fmt = layout_of(x);
   auto xc = x.contiguous(fmt);
   auto gc = grad_out.contiguous(fmt);
@@ -591,16 +581,7 @@ std::tuple<at::Tensor, at::Tensor> backward_elemt_cpu(const at::Tensor& grad_out
                                                       bool grad_residual) {
   constexpr const char* op = "skipfast.bn_act_backward_elemt";
   check_x(op, x);
-  check_same_shape(op, "grad_out", grad_out, x);
-  check_channel_vector(op, "mean", mean, x);
-  check_channel_vector(op, "invstd", invstd, x);
-  check_opt_channel_vector(op, "weight", weight, x);
-  check_opt_channel_vector(op, "sum_dy", sum_dy, x);
-  check_opt_channel_vector(op, "sum_dy_xhat", sum_dy_xhat, x);
-  TORCH_CHECK(bool(opt(sum_dy)) == bool(opt(sum_dy_xhat)), op,
-              ": sum_dy and sum_dy_xhat must both be given (training) or both be None (eval)");
-  TORCH_CHECK(!opt(sum_dy) || count > 0, op, ": count must be positive in training, got ", count);
-  if (opt(mask)) check_mask(op, *opt(mask), x);
+  check_backward_elemt_args(op, grad_out, x, mean, invstd, weight, mask, sum_dy, sum_dy_xhat, count);
   const auto fmt = layout_of(x);
   auto xc = x.contiguous(fmt);
   auto gc = grad_out.contiguous(fmt);

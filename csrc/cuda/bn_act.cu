@@ -373,11 +373,7 @@ std::tuple<at::Tensor, at::Tensor> apply_cuda(const at::Tensor& x, const at::Ten
   constexpr const char* op = "skipfast.bn_act_apply";
   check_x(op, x);
   check_not_double(op, x);
-  check_channel_vector(op, "mean", mean, x);
-  check_channel_vector(op, "invstd", invstd, x);
-  check_opt_channel_vector(op, "weight", weight, x);
-  check_opt_channel_vector(op, "bias", bias, x);
-  if (opt(residual)) check_same_shape(op, "residual", *opt(residual), x);
+  check_apply_args(op, x, mean, invstd, weight, bias, residual);
   c10::cuda::CUDAGuard guard(x.device());
   const auto fmt = layout_of(x);
   auto xc = x.contiguous(fmt);
@@ -395,10 +391,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> train_cud
   constexpr const char* op = "skipfast.bn_act_train";
   check_x(op, x);
   check_not_double(op, x);
-  check_training_count(op, x);
-  check_opt_channel_vector(op, "weight", weight, x);
-  check_opt_channel_vector(op, "bias", bias, x);
-  if (opt(residual)) check_same_shape(op, "residual", *opt(residual), x);
+  check_train_args(op, x, weight, bias, residual);
   c10::cuda::CUDAGuard guard(x.device());
   const auto fmt = layout_of(x);
   auto xc = x.contiguous(fmt);
@@ -420,10 +413,7 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_cuda(const at::Tensor& grad_o
   constexpr const char* op = "skipfast.bn_act_backward_reduce";
   check_x(op, x);
   check_not_double(op, x);
-  check_same_shape(op, "grad_out", grad_out, x);
-  check_channel_vector(op, "mean", mean, x);
-  check_channel_vector(op, "invstd", invstd, x);
-  if (opt(mask)) check_mask(op, *opt(mask), x);
+  check_backward_reduce_args(op, grad_out, x, mean, invstd, mask);
   c10::cuda::CUDAGuard guard(x.device());
   const auto fmt = layout_of(x);
   auto xc = x.contiguous(fmt);
@@ -459,16 +449,7 @@ std::tuple<at::Tensor, at::Tensor> backward_elemt_cuda(const at::Tensor& grad_ou
   constexpr const char* op = "skipfast.bn_act_backward_elemt";
   check_x(op, x);
   check_not_double(op, x);
-  check_same_shape(op, "grad_out", grad_out, x);
-  check_channel_vector(op, "mean", mean, x);
-  check_channel_vector(op, "invstd", invstd, x);
-  check_opt_channel_vector(op, "weight", weight, x);
-  check_opt_channel_vector(op, "sum_dy", sum_dy, x);
-  check_opt_channel_vector(op, "sum_dy_xhat", sum_dy_xhat, x);
-  TORCH_CHECK(bool(opt(sum_dy)) == bool(opt(sum_dy_xhat)), op,
-              ": sum_dy and sum_dy_xhat must both be given (training) or both be None (eval)");
-  TORCH_CHECK(!opt(sum_dy) || count > 0, op, ": count must be positive in training, got ", count);
-  if (opt(mask)) check_mask(op, *opt(mask), x);
+  check_backward_elemt_args(op, grad_out, x, mean, invstd, weight, mask, sum_dy, sum_dy_xhat, count);
   c10::cuda::CUDAGuard guard(x.device());
   const auto fmt = layout_of(x);
   auto xc = x.contiguous(fmt);
