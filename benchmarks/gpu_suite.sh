@@ -8,14 +8,15 @@
 #      (pip install -e . --no-build-isolation --no-deps --no-index)
 #   2. the GPU-marked tests (pytest -m gpu)
 #   3. ceilings: device-to-device copy bandwidth, bf16/tf32/fp32 matmul TFLOP/s
-#   4. python -m skipfast.bench on CUDA: elementwise ops (eager, eager-cl, torch.compile
-#      default and max-autotune, skipfast), blocks and models (eager, eager-cl,
-#      torch.compile, skipfast)
+#   4. python -m skipfast.bench on CUDA: the residual tail and add+ReLU in float32 (eager,
+#      eager-cl, torch.compile, skipfast; then skipfast with the Triton kernels forced),
+#      ResNet-18/50 inference in bfloat16 channels_last at batch 256 and 1 (eager, eager-cl,
+#      torch.compile, skipfast), float32 training steps of blocks and models
 #   5. OUTDIR/summary.md + summary.json (python -m skipfast.bench.gpu_summary): card,
 #      driver, torch, triton, per-step status, tests, ceilings, results, and achieved
 #      bandwidth / FLOP rate against the measured ceilings.
-# The whole suite stops starting steps after SUITE_BUDGET_S seconds (default 420) and
-# cuts the running one at that point, so it ends in under 8 minutes.
+# The whole suite stops starting steps after SUITE_BUDGET_S seconds (default 480) and
+# cuts the running one at that point, so it ends in under 9 minutes.
 # Environment: PYTHON (default python), SUITE_BUDGET_S.
 set -euo pipefail
 
@@ -31,7 +32,7 @@ OUT=$(cd "$1" && pwd)
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 PY=${PYTHON:-python}
-BUDGET=${SUITE_BUDGET_S:-420}
+BUDGET=${SUITE_BUDGET_S:-480}
 START=$SECONDS
 : > "$OUT/steps.tsv"
 
@@ -96,19 +97,32 @@ open(sys.argv[1], "w").write(json.dumps(doc, indent=1))
 print(doc)
 PYEOF
 
-# 2. GPU tests
-step gpu-tests 120 "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUT/pytest.xml" tests
+# 2. GPU tests (pytest-xdist workers compile the Triton kernels in parallel, and
+#    pytest-timeout stops a hung test, where those plugins are installed)
+PLUGINS=()
+if "$PY" -c "import xdist" > /dev/null 2>&1; then PLUGINS+=(-n 8); fi
+if "$PY" -c "import pytest_timeout" > /dev/null 2>&1; then PLUGINS+=(--timeout 150); fi
+step gpu-tests 200 "$PY" -m pytest -m gpu -q -rfE -p no:cacheprovider ${PLUGINS[@]+"${PLUGINS[@]}"} \
+  --junitxml="$OUT/pytest.xml" tests
 
 # 3. ceilings
 step ceilings 60 "$PY" -m skipfast.bench.ceilings --out "$OUT/ceilings.json"
 
 # 4. benchmarks (each writes its JSON after every case, so a cut run keeps what it measured)
 BENCH=("$PY" -m skipfast.bench --device cuda --no-progress)
-step bench-ops 90 "${BENCH[@]}" --cases add_relu,bn_add_relu \
-  --providers eager,eager-cl,compile,compile-max,skipfast --out "$OUT/bench-ops"
-step bench-blocks 120 "${BENCH[@]}" --cases ResidualBlock,BottleneckBlock,DenseBlock \
-  --providers eager,eager-cl,compile,skipfast --out "$OUT/bench-blocks"
-step bench-models 150 "${BENCH[@]}" --cases resnet18,resnet50,densenet121,unet \
-  --providers eager,eager-cl,compile,skipfast --out "$OUT/bench-models"
+# the residual tail, float32, against eager, eager channels_last and torch.compile; then
+# the same with the Triton kernels forced, for the CUDA priority list
+step bench-ops 90 "${BENCH[@]}" --cases bn_add_relu,add_relu --providers eager,eager-cl,compile,skipfast \
+  --out "$OUT/bench-ops"
+step bench-ops-triton 50 env SKIPFAST_BACKEND=triton "${BENCH[@]}" --cases bn_add_relu,add_relu \
+  --providers eager,skipfast --out "$OUT/bench-ops-triton"
+# inference, bf16 channels_last, batch 256 and 1
+step bench-infer-b256 130 "${BENCH[@]}" --dtype bfloat16 --channels-last --batch 256 --modes infer \
+  --cases resnet18,resnet50 --providers eager,eager-cl,compile,skipfast --out "$OUT/bench-infer-b256"
+step bench-infer-b1 70 "${BENCH[@]}" --dtype bfloat16 --channels-last --batch 1 --modes infer \
+  --cases resnet18,resnet50 --providers eager,eager-cl,compile,skipfast --out "$OUT/bench-infer-b1"
+# training steps, float32
+step bench-train 100 "${BENCH[@]}" --modes fwd+bwd --cases ResidualBlock,BottleneckBlock,DenseBlock,resnet50,densenet121 \
+  --providers eager,eager-cl,skipfast --out "$OUT/bench-train"
 
 echo "[suite] done in $(( SECONDS - START ))s"

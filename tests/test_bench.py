@@ -18,7 +18,7 @@ from torch import nn
 import skipfast
 from skipfast.bench import __main__ as cli
 from skipfast.bench import core, gpu_summary, report
-from skipfast.bench.cases import standard_cases
+from skipfast.bench.cases import select_modes, standard_cases
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "benchmarks" / "gpu_suite.sh"
@@ -161,6 +161,20 @@ def test_cli_rejects_bad_arguments(tmp_path):
         _run(tmp_path, "--cases", "nosuchcase")
     with pytest.raises(SystemExit, match="must start with eager"):
         _run(tmp_path, "--providers", "skipfast,eager")
+    with pytest.raises(SystemExit, match="--modes"):
+        _run(tmp_path, "--modes", "sideways")
+    with pytest.raises(SystemExit, match="--batch must be a positive integer"):
+        _run(tmp_path, "--batch", "0")
+
+
+def test_modes_and_batch_select():
+    cases = standard_cases("quick", batch=3)
+    assert [c.input_shapes for c in cases if c.name == "resnet18"] == [[(3, 3, 64, 64)]]
+    assert [c.input_shapes for c in cases if c.name == "unet"] == [[(3, 3, 64, 64)]]
+    assert [c.input_shapes for c in cases if c.name == "add_relu"] == [standard_cases("quick")[0].input_shapes]
+    kept = select_modes(cases, "infer")
+    assert {m for c in kept for m in c.modes} == {"infer"}
+    assert "unet" not in [c.name for c in kept]  # only fwd+bwd
 
 
 def test_standard_set_names_and_tail_label():

@@ -11,6 +11,8 @@ from skipfast.fold import FoldedConvBN, fold_bn
 from skipfast.kernels import conv as tk
 from skipfast.ops.conv import conv2d_bias_act, conv2d_bias_act_reference, prepack_weight
 
+from helpers import assert_low_precision_ok
+
 # (C, K, H, W, kernel, stride, padding, dilation, groups)
 SHAPES = [
     (3, 8, 7, 7, 3, 1, 1, 1, 1),
@@ -62,6 +64,22 @@ def test_prepacked_weight():
     wp = prepack_weight(w, stride=kw["stride"], padding=kw["padding"], dilation=kw["dilation"], groups=1)
     with torch.no_grad():
         torch.testing.assert_close(conv2d_bias_act(x, wp, b, residual=r, **kw).double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cl", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_low_precision(dtype, cl):
+    """bfloat16 takes oneDNN's fused path where this CPU has it, else convolution + the
+    epilogue pass; float16 always the latter. Either way as good as eager in that dtype."""
+    (x, w, b, r), kw, ref = _case(SHAPES[1], dtype=dtype, cl=cl)
+    with torch.no_grad():
+        y = conv2d_bias_act(x, w, b, residual=r, **kw)
+        eager = conv2d_bias_act_reference(x, w, b, residual=r, **kw)
+    assert y.dtype == dtype
+    assert_low_precision_ok(y, eager, ref)
+    wp = prepack_weight(w, stride=kw["stride"], padding=kw["padding"], dilation=kw["dilation"], groups=1)
+    with torch.no_grad():
+        assert_low_precision_ok(conv2d_bias_act(x, wp, b, residual=r, **kw), eager, ref)
 
 
 def test_opcheck():

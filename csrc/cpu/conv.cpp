@@ -17,10 +17,20 @@ namespace {
 
 std::vector<int64_t> vec(at::IntArrayRef a) { return a.vec(); }
 
+// oneDNN's bfloat16 convolution needs AVX512-BW/VL/DQ or AVX-NE-CONVERT; ATen says which.
+bool onednn_bf16_supported() {
+  static const bool supported = c10::Dispatcher::singleton()
+                                    .findSchemaOrThrow("mkldnn::_is_mkldnn_bf16_supported", "")
+                                    .typed<bool()>()
+                                    .call();
+  return supported;
+}
+
 bool onednn_usable(const at::Tensor& x, const at::Tensor& weight) {
   if (!at::hasMKLDNN() || !at::globalContext().userEnabledMkldnn()) return false;
   const auto t = x.scalar_type();
-  return (t == at::kFloat || t == at::kBFloat16) && (weight.is_mkldnn() || weight.layout() == at::kStrided);
+  return (t == at::kFloat || (t == at::kBFloat16 && onednn_bf16_supported())) &&
+         (weight.is_mkldnn() || weight.layout() == at::kStrided);
 }
 
 at::Tensor onednn_conv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

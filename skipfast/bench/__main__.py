@@ -33,6 +33,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cases", default=None,
                    help="comma-separated case names (default: all): " +
                         ",".join(c.name for c in cases_mod.standard_cases("quick")))
+    p.add_argument("--modes", default=None,
+                   help="comma-separated modes to run where a case has them (fwd, bwd, fwd+bwd, infer; default: all)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="batch size of the whole-model cases (resnet*, densenet*, unet; default per size)")
     p.add_argument("--providers", default=None,
                    help="comma-separated providers, eager first (default: eager,eager-cl,compile[,compile-max on "
                         "CUDA],skipfast; --quick: eager,eager-cl,skipfast)")
@@ -56,9 +60,12 @@ def main(argv=None, extra_providers: dict | None = None, case_list: list | None 
     if args.threads:
         torch.set_num_threads(args.threads)
     size = "quick" if args.quick else device.type
-    all_cases = case_list if case_list is not None else cases_mod.standard_cases(size)
+    if args.batch is not None and args.batch < 1:
+        sys.exit(f"python -m skipfast.bench: --batch must be a positive integer, got {args.batch}")
+    all_cases = case_list if case_list is not None else cases_mod.standard_cases(size, batch=args.batch)
     try:
         selected = cases_mod.select(all_cases, args.cases)
+        selected = cases_mod.select_modes(selected, args.modes)
     except ValueError as exc:
         sys.exit(f"python -m skipfast.bench: {exc}")
 

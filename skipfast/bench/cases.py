@@ -3,6 +3,7 @@ today (torchvision's, or plain torch modules with the same state_dict) with the
 skipfast module that replaces it."""
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import torch
@@ -141,8 +142,11 @@ def _numel(shape):
     return n
 
 
-def standard_cases(size: str = "quick") -> list[Case]:
-    z = SIZES[size]
+def standard_cases(size: str = "quick", batch: int | None = None) -> list[Case]:
+    """The cases at one of SIZES; ``batch`` replaces the batch size of the whole-model inputs."""
+    z = dict(SIZES[size])
+    if batch is not None:
+        z["img"], z["unet"] = (batch, *z["img"][1:]), (batch, *z["unet"][1:])
     quick = size == "quick"
     block_modes = ("fwd+bwd", "infer") if quick else ("fwd", "bwd", "fwd+bwd", "infer")
     tail_modes = ("fwd", "bwd", "fwd+bwd", "infer")
@@ -188,3 +192,18 @@ def select(cases: list[Case], names: str | None) -> list[Case]:
     if unknown:
         raise ValueError(f"--cases: unknown case(s) {unknown}; expected names from {[c.name for c in cases]}")
     return [known[n] for n in wanted]
+
+
+def select_modes(cases: list[Case], modes: str | None) -> list[Case]:
+    """Keep only ``modes`` (comma-separated) in each case; cases left with none are dropped."""
+    if not modes:
+        return cases
+    wanted = [m.strip() for m in modes.split(",") if m.strip()]
+    unknown = [m for m in wanted if m not in ("fwd", "bwd", "fwd+bwd", "infer")]
+    if unknown or not wanted:
+        raise ValueError(f"--modes: expected some of fwd, bwd, fwd+bwd, infer, got {modes!r}")
+    kept = [dataclasses.replace(c, modes=tuple(m for m in c.modes if m in wanted)) for c in cases]
+    kept = [c for c in kept if c.modes]
+    if not kept:
+        raise ValueError(f"--modes {modes!r}: none of the selected cases has these modes")
+    return kept

@@ -100,6 +100,8 @@ def prepack_weight(weight, *, stride, padding, dilation, groups, input_size=None
     if (weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16) or not _backend.has_extension()
             or not torch.backends.mkldnn.is_available() or not torch.backends.mkldnn.enabled):
         return weight
+    if weight.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return weight  # this CPU's oneDNN has no bfloat16 convolution
     return torch.ops.mkldnn._reorder_convolution_weight(
         weight.detach(), _pair(padding, "padding"), _pair(stride, "stride"), _pair(dilation, "dilation"), groups, input_size)
 
