@@ -1,0 +1,173 @@
+"""Device time of the fused kernels alone, without the host's launch overhead.
+
+``python -m skipfast.bench.kernels --out kernels.json`` (CUDA). Each op runs under
+torch.profiler; the time is the sum of the GPU kernels (and memsets/copies) one call
+launches, averaged over the calls. Elementwise phases are reported as bandwidth (the
+fewest bytes a kernel must move over that time) against the measured device-to-device
+copy bandwidth; convolutions as TFLOP/s. Providers: ``eager`` (the PyTorch sequence the op
+replaces), ``cpp`` (CUDA C++) and ``triton`` (skipfast's Triton kernels), each forced
+through SKIPFAST_BACKEND.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+
+from . import ceilings
+
+CL = torch.channels_last
+
+
+@contextlib.contextmanager
+def _backend(name):
+    old = os.environ.get("SKIPFAST_BACKEND")
+    os.environ["SKIPFAST_BACKEND"] = name
+    try:
+        yield
+    finally:
+        os.environ.pop("SKIPFAST_BACKEND") if old is None else os.environ.__setitem__("SKIPFAST_BACKEND", old)
+
+
+def device_us(fn, calls: int = 20) -> float:
+    """Mean GPU time per call of fn (µs), kernels only."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    gpu = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.time_range.elapsed_us() for e in gpu) / calls
+
+
+def _bn_cases(shape, fmt):
+    import skipfast
+    from skipfast.ops.bn_act import batch_norm_act
+
+    c = shape[1]
+    x = torch.randn(shape, device="cuda").contiguous(memory_format=fmt)
+    r = torch.randn(shape, device="cuda").contiguous(memory_format=fmt)
+    w, b = torch.rand(c, device="cuda") + 0.5, torch.randn(c, device="cuda")
+    rm, rv = torch.zeros(c, device="cuda"), torch.ones(c, device="cuda")
+    n = x.numel()
+    e = x.element_size()
+
+    def eager_train():
+        return torch.relu(F.batch_norm(x, None, None, w, b, True, 0.1, 1e-5) + r)
+
+    def fused_train():
+        return batch_norm_act(x, w, b, None, None, training=True, residual=r)
+
+    def eager_eval():
+        return torch.relu(F.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-5) + r)
+
+    def fused_eval():
+        return batch_norm_act(x, w, b, rm, rv, training=False, residual=r)
+
+    xg, rg = x.detach().clone().requires_grad_(), r.detach().clone().requires_grad_()
+    wg, bg = w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    dy = torch.randn_like(x)
+
+    def bwd(fwd):
+        def run():
+            y = fwd(xg, wg, bg, rg)
+            y.backward(dy)
+            xg.grad = rg.grad = wg.grad = bg.grad = None
+        return run
+
+    def eager_fb(xx, ww, bb, rr):
+        return torch.relu(F.batch_norm(xx, None, None, ww, bb, True, 0.1, 1e-5) + rr)
+
+    def fused_fb(xx, ww, bb, rr):
+        return skipfast.ops.batch_norm_act(xx, ww, bb, None, None, training=True, residual=rr)
+
+    return [
+        # (name, eager fn, fused fn, minimum bytes)
+        ("bn_act train fwd", eager_train, fused_train, 3 * n * e),
+        ("bn_act eval fwd", eager_eval, fused_eval, 3 * n * e),
+        ("bn_act train fwd+bwd", bwd(eager_fb), bwd(fused_fb), 7 * n * e + n // 8),
+    ]
+
+
+def _conv_cases(n, c, k, hw, r, stride, dtype):
+    from skipfast.ops.conv import conv2d_bias_act
+
+    x = torch.randn(n, c, hw, hw, device="cuda", dtype=dtype).contiguous(memory_format=CL)
+    w = (torch.randn(k, c, r, r, device="cuda") / (c * r * r) ** 0.5).to(dtype)
+    b = torch.randn(k, device="cuda", dtype=dtype)
+    pad = r // 2
+    out = F.conv2d(x, w, None, stride, pad)
+    res = torch.randn_like(out)
+    flops = 2 * out.numel() * c * r * r
+
+    def eager():
+        with torch.no_grad():
+            return torch.relu(F.conv2d(x, w, b, stride, pad) + res)
+
+    def fused():
+        with torch.no_grad():
+            return conv2d_bias_act(x, w, b, stride=stride, padding=pad, residual=res)
+
+    return [(f"conv {c}->{k} {r}x{r}/{stride} at {hw}x{hw}, batch {n}", eager, fused, flops)]
+
+
+def measure(calls: int = 20) -> dict:
+    copy = ceilings.copy_bandwidth(torch.device("cuda"), 1 << 30)
+    rows = []
+    for shape in ((32, 64, 56, 56), (32, 256, 14, 14)):
+        for fmt, fname in ((torch.contiguous_format, "NCHW"), (CL, "NHWC")):
+            for name, eager, fused, nbytes in _bn_cases(shape, fmt):
+                row = {"case": f"{name} {list(shape)} {fname}", "min_bytes": nbytes, "us": {}}
+                row["us"]["eager"] = device_us(eager, calls)
+                for backend in ("cpp", "triton"):
+                    with _backend(backend):
+                        row["us"][backend] = device_us(fused, calls)
+                rows.append(row)
+    for args in ((64, 64, 64, 56, 3, 1), (64, 256, 64, 56, 1, 1), (64, 128, 128, 28, 3, 1), (64, 3, 64, 224, 7, 2)):
+        for name, eager, fused, flops in _conv_cases(*args, torch.bfloat16):
+            row = {"case": f"{name} bf16 NHWC", "flops": flops, "us": {"eager": device_us(eager, calls)}}
+            for backend in ("cpp", "triton"):
+                with _backend(backend):
+                    row["us"][backend] = device_us(fused, calls)
+            rows.append(row)
+    return {"device": torch.cuda.get_device_name(), "copy_GBps": copy["GBps"], "calls": calls, "rows": rows}
+
+
+def table(doc: dict) -> str:
+    lines = [f"GPU kernel time per call (torch.profiler, {doc['calls']} calls; host overhead excluded) on "
+             f"{doc['device']}; copy ceiling {doc['copy_GBps']:.0f} GB/s",
+             "| case | eager | cpp | triton | best fused vs eager | best fused achieved |", "|---|---:|---:|---:|---:|---:|"]
+    for row in doc["rows"]:
+        us = row["us"]
+        best = min(us["cpp"], us["triton"])
+        if "min_bytes" in row:
+            ach = f"{row['min_bytes'] / best / 1e3:.0f} GB/s ({row['min_bytes'] / best / 1e3 / doc['copy_GBps']:.0%} of copy)"
+        else:
+            ach = f"{row['flops'] / best / 1e6:.0f} TFLOP/s"
+        lines.append(f"| {row['case']} | {us['eager']:.1f} us | {us['cpp']:.1f} us | {us['triton']:.1f} us | "
+                     f"{us['eager'] / best:.2f}x | {ach} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m skipfast.bench.kernels", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="kernels.json")
+    p.add_argument("--calls", type=int, default=20)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("python -m skipfast.bench.kernels: needs a CUDA device")
+    doc = measure(args.calls)
+    with open(args.out, "w") as f:
+        json.dump(doc, f, indent=1)
+    print(table(doc))
+    return doc
+
+
+if __name__ == "__main__":
+    main()
