@@ -92,17 +92,22 @@ __device__ Acc block_merge(Acc a) {
   return a;
 }
 
-// One element's contribution. Stats: push(x). Grad: push(x - mean, dy, mask bit).
+// One element's contribution. Stats: push(x - pivot). Grad: push(x - mean, dy, mask bit).
+// The statistics are accumulated around a pivot, each channel's first value (the same
+// shifted data as the CPU kernels): float Welford on raw values of mean 1e4 and std 1e-2
+// would lose the variance to rounding.
 template <typename scalar_t, typename Acc>
 struct Source {
   const scalar_t* x;
   const scalar_t* dy;     // null for stats
   const uint8_t* mask;    // null: no ReLU
   const float* mean;      // null for stats
-  __device__ void push(Acc& a, int64_t i, int64_t c) const {
+  int64_t channel_stride; // stats: x[c * channel_stride] is channel c's pivot
+  __device__ float pivot(int64_t c) const { return dy == nullptr ? static_cast<float>(x[c * channel_stride]) : 0.f; }
+  __device__ void push(Acc& a, int64_t i, int64_t c, float pivot) const {
     const float xv = static_cast<float>(x[i]);
     if (dy == nullptr) {
-      a.push(xv, 0.f, true);
+      a.push(xv - pivot, 0.f, true);
     } else {
       const bool pass = mask == nullptr || mask_bit(mask, i);
       a.push(xv - mean[c], static_cast<float>(dy[i]), pass);
@@ -114,6 +119,7 @@ struct Source {
 template <typename scalar_t, typename Acc>
 __global__ void partial_nchw_kernel(Source<scalar_t, Acc> src, Acc* partial, int64_t N, int64_t C, int64_t HW) {
   const int64_t c = blockIdx.x;
+  const float piv = src.pivot(c);
   Acc a;
   for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
     const int64_t base = (n * C + c) * HW;
@@ -125,10 +131,10 @@ __global__ void partial_nchw_kernel(Source<scalar_t, Acc> src, Acc* partial, int
       for (int64_t p = threadIdx.x; p < HW / V; p += blockDim.x) {
         const P pk = xp[p];
 #pragma unroll
-        for (int k = 0; k < V; ++k) a.push(static_cast<float>(pk.v[k]), 0.f, true);
+        for (int k = 0; k < V; ++k) a.push(static_cast<float>(pk.v[k]) - piv, 0.f, true);
       }
     } else {
-      for (int64_t j = threadIdx.x; j < HW; j += blockDim.x) src.push(a, base + j, c);
+      for (int64_t j = threadIdx.x; j < HW; j += blockDim.x) src.push(a, base + j, c, piv);
     }
   }
   a = block_merge(a);
@@ -143,8 +149,9 @@ __global__ void partial_cl_kernel(Source<scalar_t, Acc> src, Acc* partial, int64
   const int64_t c = int64_t(blockIdx.x) * kTileC + threadIdx.x;
   Acc a;
   if (c < C) {
+    const float piv = src.pivot(c);
     for (int64_t r = int64_t(blockIdx.y) * kTileR + threadIdx.y; r < rows; r += int64_t(gridDim.y) * kTileR) {
-      src.push(a, r * C + c, c);
+      src.push(a, r * C + c, c, piv);
     }
   }
   shared[threadIdx.y * kTileC + threadIdx.x] = a;
@@ -156,16 +163,17 @@ __global__ void partial_cl_kernel(Source<scalar_t, Acc> src, Acc* partial, int64
   }
 }
 
-template <typename acc_out_t>
-__global__ void finalize_stats_kernel(const WelfordAcc<float>* partial, int S, int64_t C, double eps, bool want_invstd,
-                                      acc_out_t* mean, acc_out_t* var, acc_out_t* invstd) {
+template <typename scalar_t, typename acc_out_t>
+__global__ void finalize_stats_kernel(const WelfordAcc<float>* partial, int S, int64_t C, const scalar_t* x,
+                                      int64_t channel_stride, double eps, bool want_invstd, acc_out_t* mean,
+                                      acc_out_t* var, acc_out_t* invstd) {
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
   WelfordAcc<float> a = partial[c];
   for (int s = 1; s < S; ++s) a.merge(partial[s * C + c]);
   const Welford<float> w{a.v[0], a.v[1], a.v[2]};
   const float v = biased_var(w);
-  mean[c] = acc_out_t(w.mean);
+  mean[c] = acc_out_t(static_cast<float>(x[c * channel_stride]) + w.mean);
   var[c] = acc_out_t(v);
   if (want_invstd) invstd[c] = acc_out_t(invstd_of<float>(v, float(eps)));
 }
@@ -326,10 +334,12 @@ void stats_into(const at::Tensor& xc, double eps, at::Tensor& mean, at::Tensor& 
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "bn_act_stats_cuda", [&] {
     using Acc = WelfordAcc<float>;
-    Source<scalar_t, Acc> src{xc.const_data_ptr<scalar_t>(), nullptr, nullptr, nullptr};
+    const int64_t channel_stride = cl ? 1 : xc.size(2) * xc.size(3);
+    Source<scalar_t, Acc> src{xc.const_data_ptr<scalar_t>(), nullptr, nullptr, nullptr, channel_stride};
     auto [ws, S] = channel_partials<scalar_t, Acc>(xc, cl, src);
-    finalize_stats_kernel<float><<<blocks_for(C, kThreads), kThreads, 0, stream>>>(
-        reinterpret_cast<const Acc*>(ws.const_data_ptr()), S, C, eps, invstd != nullptr,
+    finalize_stats_kernel<scalar_t, float><<<blocks_for(C, kThreads), kThreads, 0, stream>>>(
+        reinterpret_cast<const Acc*>(ws.const_data_ptr()), S, C, xc.const_data_ptr<scalar_t>(), channel_stride, eps,
+        invstd != nullptr,
         mean.mutable_data_ptr<float>(), var.mutable_data_ptr<float>(),
         invstd ? invstd->mutable_data_ptr<float>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
