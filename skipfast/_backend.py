@@ -35,13 +35,17 @@ except ImportError as exc:  # pragma: no cover - exercised by the no-extension t
     )
 
 # Families whose CUDA priority differs from the default are listed with the reason.
+# Measured on an H100 (benchmarks/results/2026-11-27-nvidia-h100-80gb/kernels.md, GPU kernel
+# time per call, bf16 / float32):
 CUDA_PRIORITY: dict[str, tuple[str, ...]] = {
-    # The Triton implicit GEMM writes its output once with bias, residual and ReLU
-    # applied; the C++ path is cuDNN's convolution plus one more pass over the output.
-    "conv": ("triton", "cpp"),
-    # bn_act: the CUDA C++ kernels reduce channels_last tensors with coalesced row tiles and
-    # warp-shuffle Welford merges and use 16-byte loads; the Triton reductions read
-    # channels_last with a stride of C. Not yet measured on a GPU: revisit with figures.
+    # conv: cuDNN + the C++ epilogue pass ran 1.12-1.17x eager conv + add + relu on the 3x3
+    # and 7x7 ResNet shapes; the Triton implicit GEMM lost those (0.51x on 3x3 128->128, 0.30x
+    # on the 7x7 stem) and won one 1x1 shape (256->64 at 56x56: 2.10x eager).
+    "conv": ("cpp", "triton"),
+    # bn_act: CUDA C++ was faster for NCHW [32, 64, 56, 56] training (forward 57.5 vs 85.9 us,
+    # forward + backward 151 vs 247 us); Triton for eval (30.8 vs 41.6 us) and for the
+    # [32, 256, 14, 14] and channels_last training shapes (e.g. forward + backward 58 vs
+    # 77 us). One order per family: CUDA C++ first, for the large NCHW training shapes.
     "bn_act": ("cpp", "triton"),
 }
 DEFAULT_CUDA_PRIORITY = ("cpp", "triton")

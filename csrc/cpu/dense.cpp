@@ -212,9 +212,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_conv1x1_backward_cpu(
       grad_w.add_(gw_local);
     });
   });
+  // The sums stay float64: BN's weight gradient is (sum g*x - mean * sum g) * invstd, a
+  // difference that cancels most of its digits when the channel mean is large.
   auto dopt = at::TensorOptions().dtype(at::kDouble);
-  auto gscale = at::from_blob(sum_gx.data(), {C}, dopt).to(x_in.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
-  auto gshift = at::from_blob(sum_g.data(), {C}, dopt).to(x_in.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
+  auto gscale = at::from_blob(sum_gx.data(), {C}, dopt).clone();
+  auto gshift = at::from_blob(sum_g.data(), {C}, dopt).clone();
   return {gscale, gshift, grad_w.view({Cout, C, 1, 1})};
 }
 

@@ -15,7 +15,7 @@ from ._launch import no_wrap
 
 @triton.jit
 def _bn_relu_mm_kernel(x_ptr, scale_ptr, shift_ptr, w_ptr, out_ptr, M, C, COUT, ldx,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < M
@@ -33,7 +33,10 @@ def _bn_relu_mm_kernel(x_ptr, scale_ptr, shift_ptr, w_ptr, out_ptr, M, C, COUT, 
         # weight is [COUT, C]; the tile is its transpose [BLOCK_K, BLOCK_N]
         wt = tl.load(w_ptr + rn[None, :].to(tl.int64) * C + rk[:, None],
                      mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc += tl.dot(a.to(wt.dtype), wt)
+        if IEEE:
+            acc += tl.dot(a.to(wt.dtype), wt, input_precision="ieee")
+        else:
+            acc += tl.dot(a.to(wt.dtype), wt)
     tl.store(out_ptr + rm[:, None].to(tl.int64) * COUT + rn[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -60,7 +63,9 @@ def bn_relu_conv1x1(x, scale, shift, weight, *, wrap=no_wrap):
     if c == 0:
         return out.zero_()
     bm, bn, bk, warps = (64, 64, 32, 4) if x.is_cuda else (32, 32, 32, 1)
+    # float32 uses TF32 only where torch's matmuls may (torch.backends.cuda.matmul.allow_tf32)
+    ieee = x.dtype == torch.float32 and not (x.is_cuda and torch.backends.cuda.matmul.allow_tf32)
     grid = (triton.cdiv(m, bm), triton.cdiv(cout, bn))
     wrap(_bn_relu_mm_kernel)[grid](x, scale.contiguous(), shift.contiguous(), weight.reshape(cout, c).contiguous(),
-                                   out, m, c, cout, ld, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+                                   out, m, c, cout, ld, IEEE=ieee, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
     return out

@@ -11,7 +11,7 @@ layer ``l`` write its ``k`` new channels into its own slice. Layer ``l`` reads t
   csrc/cpu/dense.cpp, Triton kernel in skipfast/kernels/dense.py.
 - ``bn_relu_conv1x1_backward_``: recomputes BN + ReLU per tile, accumulates the input
   gradient in place into the shared gradient buffer and returns the per-channel sums the
-  BN parameters' gradients need.
+  BN parameters' gradients need, in float64.
 - ``channel_stats``: per-channel mean and biased variance of one segment. A channel's batch
   statistics do not change as the block grows, so each segment's are computed once, when
   it is written, and reused by every later layer.
@@ -46,10 +46,11 @@ def bn_relu_conv1x1_reference(x, scale, shift, weight):
 
 
 def bn_relu_backward_accumulate_reference_(grad_h, x, scale, shift, grad_x):
-    """Given d loss / d relu(x*scale+shift): grad_x += g * scale; returns (sum g*x, sum g)."""
+    """Given d loss / d relu(x*scale+shift): grad_x += g * scale; returns (sum g*x, sum g),
+    summed in float64 (see ``_DenseBlockFunction.backward``)."""
     g = grad_h * (x * _c(scale) + _c(shift) > 0)
     grad_x.add_(g * _c(scale))
-    return (g * x).sum((0, 2, 3)), g.sum((0, 2, 3))
+    return (g * x).sum((0, 2, 3), dtype=torch.float64), g.sum((0, 2, 3), dtype=torch.float64)
 
 
 def bn_relu_conv1x1_backward_reference_(grad_out, x, scale, shift, weight, grad_x):
@@ -128,7 +129,7 @@ def _backward(ctx, grad):
     x, scale, shift, weight = ctx.saved_tensors
     grad_x = torch.zeros_like(x, memory_format=_CL)
     gscale, gshift, grad_w = bn_relu_conv1x1_backward_(grad, x, scale, shift, weight, grad_x)
-    return grad_x, gscale, gshift, grad_w
+    return grad_x, gscale.to(scale.dtype), gshift.to(shift.dtype), grad_w
 
 
 if _backend.has_extension():
@@ -140,7 +141,8 @@ if _backend.has_extension():
 
     @torch.library.register_fake("skipfast::dense_bn_relu_conv1x1_backward_")
     def _(grad_out, x, scale, shift, weight, grad_x):
-        return scale.new_empty(scale.shape), shift.new_empty(shift.shape), weight.new_empty(weight.shape)
+        f64 = torch.float64
+        return scale.new_empty(scale.shape, dtype=f64), shift.new_empty(shift.shape, dtype=f64), weight.new_empty(weight.shape)
 
     @torch.library.register_fake("skipfast::dense_channel_stats")
     def _(x):
@@ -315,14 +317,16 @@ class _DenseBlockFunction(torch.autograd.Function):
                         g_z, y1, w2, None, None, mean2, invstd2, True, ctx.eps[i][1], [True, True, True])
                 else:
                     grads[o + 4] = g_z.sum((0, 2, 3))
-                    grads[o + 3] = (g_z * y1).sum((0, 2, 3)).sub_(mean2 * grads[o + 4]).mul_(invstd2)
+                    grads[o + 3] = ((g_z * y1).sum((0, 2, 3), dtype=torch.float64).sub_(mean2 * grads[o + 4])
+                                    .mul_(invstd2).to(w2.dtype))
                     g_y1 = g_z * _c(scale2)
                 del g_z
                 gscale, gshift, grads[o + 2] = bn_relu_conv1x1_backward_(g_y1, xin, scale1, shift1, conv1, gxin)
-            grads[o] = (gscale - mean1 * gshift) * invstd1
-            grads[o + 1] = gshift
+            # float64 sums: sum g*x - mean * sum g cancels most digits when the mean is large
+            grads[o] = ((gscale - mean1 * gshift) * invstd1).to(w1.dtype)
+            grads[o + 1] = gshift.to(b1.dtype)
             if ctx.batch[i]:
-                acc_a[:cl].addcmul_(w1 * invstd1, gshift)
+                acc_a[:cl].addcmul_(w1 * invstd1, grads[o + 1])
                 acc_b[:cl].addcmul_(w1 * invstd1 * invstd1, grads[o])
         if any_batch:
             _finalize_segment(gbuf, buf, 0, c0, acc_a, acc_b, seg_mean, count)
