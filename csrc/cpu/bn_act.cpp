@@ -366,20 +366,25 @@ const T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
 }
 
-// out = relu?((x - mean) * scale + bias + residual), mask bits.
+// out = relu?((x - mean) * scale + bias + residual), mask bits. Segments of a multiple
+// of 8 elements (channels_last with C % 8 == 0, most NCHW planes) store whole mask bytes;
+// others go through the bit writer.
 template <typename scalar_t, bool kCL>
 void apply_kernel(const Geo& g, const scalar_t* x, const scalar_t* r, scalar_t* out, uint8_t* mask,
                   const at::opmath_type<scalar_t>* mean, const at::opmath_type<scalar_t>* scale,
                   const at::opmath_type<scalar_t>* bias) {
   using acc_t = at::opmath_type<scalar_t>;
-  parallel_segments(g, [&](int64_t s0, int64_t s1) {
-    BitWriter bw{mask ? mask + s0 * g.len / 8 : nullptr};
+  const int64_t len = g.len, C = g.C;
+  const bool whole_bytes = len % kG == 0;
+  parallel_segments(g, [=](int64_t s0, int64_t s1) {
+    BitWriter bw{mask ? mask + s0 * len / 8 : nullptr};
     for (int64_t s = s0; s < s1; ++s) {
-      const int64_t base = s * g.len;
-      const int64_t c = kCL ? 0 : s % g.C;
+      const int64_t base = s * len;
+      const int64_t c = kCL ? 0 : s % C;
       if constexpr (vectorized<scalar_t>()) {
         Vec m(mean[c]), sc(scale[c]), b(bias[c]);
-        for_groups(g.len, [&](int64_t j, auto n) {
+        // normalizes the group at base + j, stores it, returns its mask bits
+        auto group = [&](int64_t j, auto n) -> uint32_t {
           if constexpr (kCL) {
             m = Vec::loadu(mean + j);
             sc = Vec::loadu(scale + j);
@@ -387,14 +392,28 @@ void apply_kernel(const Geo& g, const scalar_t* x, const scalar_t* r, scalar_t* 
           }
           Vec y = at::vec::fmadd(load_f(x + base + j, n) - m, sc, b);
           if (r) y = y + load_f(r + base + j, n);
+          uint32_t bits = 0;
           if (mask) {
-            bw.push(pass_bits(y) & low_bits(n), n);
+            bits = pass_bits(y) & low_bits(n);
             y = at::vec::clamp_min(y, Vec(0.f));
           }
           store_f(out + base + j, y, n);
-        });
+          return bits;
+        };
+        if (whole_bytes) {
+          uint8_t* mb = mask ? mask + base / 8 : nullptr;
+          for (int64_t j = 0; j < len; j += kG) {
+            const uint32_t bits = group(j, std::integral_constant<int, kG>{});
+            if (mb) mb[j / 8] = uint8_t(bits);
+          }
+        } else {
+          for_groups(len, [&](int64_t j, auto n) {
+            const uint32_t bits = group(j, n);
+            if (mask) bw.push(bits, n);
+          });
+        }
       } else {
-        for (int64_t j = 0; j < g.len; ++j) {
+        for (int64_t j = 0; j < len; ++j) {
           const int64_t i = base + j, ch = kCL ? j : c;
           acc_t y = normalize<acc_t>(acc_t(x[i]), mean[ch], scale[ch], bias[ch]);
           if (r) y += acc_t(r[i]);
@@ -416,13 +435,14 @@ void grad_kernel(const Geo& g, const scalar_t* dy, const scalar_t* x, const uint
                  scalar_t* dr, const at::opmath_type<scalar_t>* mean, const at::opmath_type<scalar_t>* k,
                  const at::opmath_type<scalar_t>* a, const at::opmath_type<scalar_t>* b0) {
   using acc_t = at::opmath_type<scalar_t>;
-  parallel_segments(g, [&](int64_t s0, int64_t s1) {
+  const int64_t len = g.len, C = g.C;
+  parallel_segments(g, [=](int64_t s0, int64_t s1) {
     for (int64_t s = s0; s < s1; ++s) {
-      const int64_t base = s * g.len;
-      const int64_t c = kCL ? 0 : s % g.C;
+      const int64_t base = s * len;
+      const int64_t c = kCL ? 0 : s % C;
       if constexpr (vectorized<scalar_t>()) {
         Vec m(mean[c]), vk(k[c]), va(a[c]), vb(b0[c]);
-        for_groups(g.len, [&](int64_t j, auto n) {
+        for_groups(len, [&](int64_t j, auto n) {
           const int64_t i = base + j;
           if constexpr (kCL) {
             m = Vec::loadu(mean + j);
@@ -436,7 +456,7 @@ void grad_kernel(const Geo& g, const scalar_t* dy, const scalar_t* x, const uint
           if (dr) store_f(dr + i, gv, n);
         });
       } else {
-        for (int64_t j = 0; j < g.len; ++j) {
+        for (int64_t j = 0; j < len; ++j) {
           const int64_t i = base + j, ch = kCL ? j : c;
           const acc_t gv = (mask == nullptr || mask_bit(mask, i)) ? acc_t(dy[i]) : acc_t(0);
           const BackwardCoefs<acc_t> co{k[ch], a[ch], b0[ch]};

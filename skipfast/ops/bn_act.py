@@ -34,6 +34,9 @@ invstd and the mask (nothing else full-size); its backward is backward_reduce th
 backward_elemt. ``bn_act_apply`` (eval, or a sync BN's apply) has its own backward with
 gradients for x, residual, weight, bias, mean and invstd. Running statistics are updated
 here in Python with in-place torch ops (traceable by torch.compile), after validation.
+In eager mode the C++ backend skips torch.library's generated Python wrapper: training
+goes through ``_Train`` (same saved tensors, same backward) and calls without a graph to
+record go straight to the kernel; under torch.compile the registered ops are traced.
 """
 from __future__ import annotations
 
