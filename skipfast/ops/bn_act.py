@@ -150,7 +150,7 @@ def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps
     w = weight if weight is None or weight.dtype == sd else weight.to(sd)
     b = bias if bias is None or bias.dtype == sd else bias.to(sd)
     if training:
-        if backend != "cpp" or torch.compiler.is_compiling():
+        if not _eager_cpp(backend):
             out, mean, var, _invstd, _mask = ops.train(x, w, b, residual, float(eps), relu)
         elif torch.is_grad_enabled() and torch._C._any_requires_grad(x, w, b, residual):
             out, mean, var, _invstd, _mask = _Train.apply(x, w, b, residual, float(eps), relu, ops)
@@ -161,11 +161,18 @@ def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps
             _update_running(running_mean, running_var, mean, var, momentum, x.numel() // x.shape[1])
         return out
     mean, invstd = running_mean.to(sd), torch.rsqrt(running_var.to(sd) + eps)
-    if (backend == "cpp" and not torch.compiler.is_compiling()
-            and not (torch.is_grad_enabled() and torch._C._any_requires_grad(x, mean, invstd, w, b, residual))):
+    if _eager_cpp(backend) and not (torch.is_grad_enabled()
+                                    and torch._C._any_requires_grad(x, mean, invstd, w, b, residual)):
         with torch._C._AutoDispatchBelowAutograd():
             return ops.apply(x, mean, invstd, w, b, residual, relu)[0]
     return ops.apply(x, mean, invstd, w, b, residual, relu)[0]
+
+
+def _eager_cpp(backend):
+    """The C++ ops may be called below autograd / through ``_Train``: plain eager mode (not
+    traced by torch.compile, no torch.func transform, which take the registered ops)."""
+    return (backend == "cpp" and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active())
 
 
 def _update_running(running_mean, running_var, mean, var, momentum, n):
