@@ -179,6 +179,32 @@ def test_mask_is_bit_packed():
         assert no_mask.numel() == 0
 
 
+@pytest.mark.parametrize("shape", [(6, 3, 61, 61), (5, 13, 2, 3), (40, 11, 1, 1), (4, 20, 25, 25)])
+@pytest.mark.parametrize("cl", [False, True])
+def test_odd_shapes_across_parallel_chunks(shape, cl):
+    """Shapes whose planes (NCHW) or rows (channels_last) are not multiples of 8 elements
+    (mask bits at every offset, partial vector groups) and, for the larger ones, several
+    parallel chunks: the mask bits, output and gradients against float64, fp32 and fp64."""
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        x, r = _x(shape, dtype=dtype, cl=cl), _x(shape, dtype=dtype, cl=cl)
+        w, b = (t.to(dtype) for t in _params(shape[1]))
+        y, grads, g = _run(batch_norm_act, x, w, b, None, None, r, training=True)
+        y_ref, grads_ref, _ = _run(batch_norm_act_reference, x.double(), w.double(), b.double(), None, None,
+                                   r.double(), training=True)
+        tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+        assert_close_fp32(y, y_ref, **tol)
+        for got, want in zip(grads, grads_ref):
+            assert_close_fp32(got, want, **tol)
+        out, mean, var, invstd, mask = torch.ops.skipfast.bn_act_train(x, w, b, r, 1e-5, True)
+        assert_close_fp32(out, y_ref, **tol)
+        # bit i of the mask is element i of out (in memory order) being > 0
+        flat = (out > 0).permute(0, 2, 3, 1).reshape(-1) if cl else (out > 0).reshape(-1)
+        bits = torch.stack([(mask >> k) & 1 for k in range(8)], 1).reshape(-1)
+        assert torch.equal(bits[: x.numel()].bool(), flat)
+        assert not bits[x.numel():].any()
+
+
 def _sample_inputs():
     for cl in (False, True):
         for relu in (True, False):

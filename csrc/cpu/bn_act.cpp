@@ -1,12 +1,15 @@
 // bn_act on CPU: batch-norm statistics, fused normalize + residual + ReLU (with a
 // bit-packed ReLU mask), and the two backward passes. Math in csrc/bn_act.h.
 //
-// Every kernel walks x in its dense layout (NCHW or channels_last) by flat index i.
-// A walk over [begin, end) is cut into segments of one channel (NCHW: one H*W plane)
-// or one row of C channels (channels_last); inside a segment, groups of 8 elements
-// whose index is a multiple of 8 take the vector path (one mask byte each), the rest
-// the scalar path. Parallel ranges start at multiples of 8, so every mask byte has
-// exactly one writer.
+// Every kernel walks x in its dense layout as `nseg` segments of `len` contiguous
+// elements: NCHW planes (segment s is channel s % C) or channels_last rows (lane j of a
+// row is channel j). A segment is cut into groups of 8 elements (the last one may be
+// shorter); a group is one 8-lane vector and 8 mask bits, read at any bit offset and
+// written through a sequential bit writer. Parallel chunks of the elementwise passes
+// start at segments that are multiples of 8, so every mask byte has exactly one writer.
+// Reductions never loop over one channel's strided planes: NCHW sums each plane (in
+// memory order) and then adds the planes of a channel; channels_last gives each thread
+// per-channel accumulators over its own rows.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -16,7 +19,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <array>
 #include <tuple>
 #include <vector>
 
@@ -29,291 +31,316 @@ namespace {
 using namespace bn_act;
 using Vec = at::vec::Vectorized<float>;
 
-constexpr int64_t kGrainBytes = 4096;  // mask bytes (x 8 elements) per parallel task
-constexpr int64_t kChunk = 4096;       // elements summed in fp32 before folding into double
-// The vector path handles 8 floats = one mask byte at a time.
-constexpr bool kVec8 = Vec::size() == 8;
+constexpr int kG = 8;                   // elements per group = bits per mask byte
+constexpr int64_t kGrainElems = 32768;  // elements per parallel task, at least
+constexpr int64_t kFold = 4096;         // NCHW: elements summed in fp32 before folding into double
+constexpr int64_t kBlockElems = 8192;   // channels_last: about this many elements per fp32 partial
+
+template <typename scalar_t>
+constexpr bool vectorized() {
+  return Vec::size() == kG && !std::is_same_v<scalar_t, double>;
+}
+
+// ---- 8-lane helpers: n <= 8 valid lanes, loads zero-fill the others ----
 
 template <typename T>
-inline Vec load_f(const T* p) {
+inline Vec load_f(const T* p, int n = kG) {
   if constexpr (std::is_same_v<T, float>) {
-    return Vec::loadu(p);
+    return Vec::loadu(p, n);
   } else {
     Vec out;
-    at::vec::load_to_float<T>(p, out);
+    if (n == kG) {
+      at::vec::load_to_float<T>(p, out);
+    } else {
+      T buf[kG] = {};
+      std::copy_n(p, n, buf);
+      at::vec::load_to_float<T>(buf, out);
+    }
     return out;
   }
 }
 
 template <typename T>
-inline void store_f(T* p, const Vec& v) {
+inline void store_f(T* p, const Vec& v, int n = kG) {
   if constexpr (std::is_same_v<T, float>) {
-    v.store(p);
+    v.store(p, n);
   } else {
-    at::vec::convert_from_float<T>(v, v).store(p, Vec::size());
+    auto lo = at::vec::convert_from_float<T>(v, v);
+    if (n == kG) {
+      lo.store(p, kG);
+    } else {
+      T buf[2 * kG];
+      lo.store(buf);
+      std::copy_n(buf, n, p);
+    }
   }
 }
 
+inline uint32_t low_bits(int n) { return (1u << n) - 1u; }
+
 // 8 mask bits of y: bit k set when !(y[k] <= 0).
-inline uint8_t pass_bits(const Vec& y) {
+inline uint32_t pass_bits(const Vec& y) {
 #if defined(CPU_CAPABILITY_AVX2)
-  return static_cast<uint8_t>(_mm256_movemask_ps(_mm256_cmp_ps(y, _mm256_setzero_ps(), _CMP_NLE_UQ)));
+  return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(y, _mm256_setzero_ps(), _CMP_NLE_UQ)));
 #else
-  float tmp[Vec::size()];
+  float tmp[kG];
   y.store(tmp);
-  uint8_t b = 0;
-  for (int k = 0; k < 8; ++k) b |= uint8_t(passes(tmp[k])) << k;
+  uint32_t b = 0;
+  for (int k = 0; k < kG; ++k) b |= uint32_t(passes(tmp[k])) << k;
   return b;
 #endif
 }
 
 // A mask byte expanded to 8 lanes of all-ones / all-zeros.
 struct MaskLut {
-  alignas(32) uint32_t v[256][8];
+  alignas(32) uint32_t v[256][kG];
   MaskLut() {
     for (int b = 0; b < 256; ++b)
-      for (int k = 0; k < 8; ++k) v[b][k] = ((b >> k) & 1) ? 0xFFFFFFFFu : 0u;
+      for (int k = 0; k < kG; ++k) v[b][k] = ((b >> k) & 1) ? 0xFFFFFFFFu : 0u;
   }
 };
 const MaskLut kLut;
 
-inline Vec masked(const Vec& dy, uint8_t bits) {
-  const Vec m = Vec::loadu(kLut.v[bits]);
-  return Vec::blendv(Vec(0.f), dy, m);
+inline Vec masked(const Vec& dy, uint32_t bits) {
+  return Vec::blendv(Vec(0.f), dy, Vec::loadu(kLut.v[bits]));
 }
 
-inline void set_bit(uint8_t* mask, int64_t i, bool bit) {
-  // Elements are visited in increasing order by the byte's only writer.
-  if ((i & 7) == 0) {
-    mask[i >> 3] = uint8_t(bit);
-  } else {
-    mask[i >> 3] |= uint8_t(bit) << (i & 7);
+// n <= 8 mask bits starting at element i (any bit offset).
+inline uint32_t read_bits(const uint8_t* mask, int64_t i, int n) {
+  const int64_t byte = i >> 3;
+  const int shift = int(i & 7);
+  uint32_t v = mask[byte];
+  if (shift + n > 8) v |= uint32_t(mask[byte + 1]) << 8;
+  return (v >> shift) & low_bits(n);
+}
+
+// Appends bits to a mask from a byte boundary on; flush() writes a last partial byte.
+struct BitWriter {
+  uint8_t* p;
+  uint32_t acc = 0;
+  int n = 0;
+  void push(uint32_t bits, int count) {
+    acc |= bits << n;
+    n += count;
+    if (n >= 8) {
+      *p++ = uint8_t(acc);
+      acc >>= 8;
+      n -= 8;
+    }
   }
-}
-
-struct Geo {
-  int64_t C, HW, numel;
-  bool cl;
-  explicit Geo(const at::Tensor& x)
-      : C(x.size(1)), HW(x.size(2) * x.size(3)), numel(x.numel()), cl(layout_of(x) == at::MemoryFormat::ChannelsLast) {}
+  void flush() {
+    if (n > 0) *p = uint8_t(acc);
+  }
 };
 
-// Calls f.scalar(i, c) / f.vec8(i, c) over [begin, end); for channels_last, vec8's c is
-// the channel of element i and the group covers channels c..c+7.
-template <bool kVector, typename F>
-inline void walk(const Geo& g, int64_t begin, int64_t end, F& f) {
-  int64_t i = begin;
-  while (i < end) {
-    int64_t c, seg_end;
-    if (g.cl) {
-      const int64_t row = i / g.C;
-      c = i - row * g.C;
-      seg_end = std::min(end, (row + 1) * g.C);
-    } else {
-      const int64_t plane = i / g.HW;
-      c = plane % g.C;
-      seg_end = std::min(end, (plane + 1) * g.HW);
-    }
-    if constexpr (kVector && kVec8) {
-      for (; i < seg_end && (i & 7); ++i) f.scalar(i, g.cl ? c++ : c);
-      for (; i + 8 <= seg_end; i += 8) {
-        f.vec8(i, c);
-        if (g.cl) c += 8;
-      }
-    }
-    for (; i < seg_end; ++i) f.scalar(i, g.cl ? c++ : c);
+struct Geo {
+  int64_t C, len, nseg, numel;
+  bool cl;
+  explicit Geo(const at::Tensor& x)
+      : C(x.size(1)), numel(x.numel()), cl(layout_of(x) == at::MemoryFormat::ChannelsLast) {
+    len = cl ? C : x.size(2) * x.size(3);
+    nseg = len > 0 ? numel / len : 0;
   }
-}
+};
 
-template <typename scalar_t>
-constexpr bool vectorized() {
-  return !std::is_same_v<scalar_t, double>;
-}
-
-inline double hsum(const Vec& v) {
-  float tmp[Vec::size()];
-  v.store(tmp);
-  double s = 0;
-  for (int k = 0; k < Vec::size(); ++k) s += tmp[k];
-  return s;
+// Runs fn(s0, s1) over chunks of segments that start at multiples of 8, so that every
+// mask byte (bit offset s * len) lies in one chunk.
+template <typename F>
+void parallel_segments(const Geo& g, F fn) {
+  if (g.numel == 0) return;
+  const int64_t units = (g.nseg + 7) / 8;
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / (8 * g.len));
+  at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) { fn(u0 * 8, std::min(u1 * 8, g.nseg)); });
 }
 
 // Splits [0, n) into at most get_num_threads() contiguous chunks and runs fn(chunk, begin, end).
 template <typename F>
-void for_chunks(int64_t n, int64_t min_per_chunk, F fn) {
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / std::max<int64_t>(min_per_chunk, 1)));
+int64_t for_chunks(int64_t n, int64_t min_per_chunk, F fn) {
+  const int64_t chunks =
+      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / std::max<int64_t>(min_per_chunk, 1)));
   at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) fn(t, n * t / chunks, n * (t + 1) / chunks);
   });
+  return chunks;
+}
+
+inline double hsum(const Vec& v) {
+  float tmp[kG];
+  v.store(tmp);
+  double s = 0;
+  for (int k = 0; k < kG; ++k) s += tmp[k];
+  return s;
+}
+
+// Calls body(j, n) for the groups of a segment of len elements: n is the compile-time
+// constant 8 for whole groups, then once the int remainder.
+template <typename B>
+inline void for_groups(int64_t len, B&& body) {
+  int64_t j = 0;
+  for (; j + kG <= len; j += kG) body(j, std::integral_constant<int, kG>{});
+  if (j < len) body(j, int(len - j));
+}
+
+// Per-channel values in a buffer padded to a multiple of 8 (zeros), so that channels_last
+// groups load them as whole vectors.
+template <typename T>
+std::vector<T> padded(int64_t C) {
+  return std::vector<T>((C + kG - 1) / kG * kG, T(0));
 }
 
 // ---------------------------------------------------------------------------------
-// Two per-channel sums over x (or dy and x), accumulated in fp32 over chunks of at most
-// kChunk elements and folded into double. Used by statistics and by backward-reduce.
+// Two per-channel sums, s1 and s2, of a per-element pair of terms around a per-channel
+// center. Terms: group(i, n, center, a1, a2) adds n <= 8 elements from flat index i
+// into vector accumulators (lanes >= n add 0); scalar(i, center, s1, s2) adds one.
 // ---------------------------------------------------------------------------------
 
-// Statistics: s1 = sum(x - shift[c]), s2 = sum((x - shift[c])^2).
-template <typename scalar_t, bool kCL>
-struct StatsSums {
+// Statistics: x - shift[c] and its square.
+template <typename scalar_t>
+struct StatsTerms {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* x;
-  const acc_t* shift;
-  acc_t* a1;  // kCL: per-channel arrays
-  acc_t* a2;
-  acc_t s1 = 0, s2 = 0;  // NCHW: one channel
-  Vec v1 = Vec(0.f), v2 = Vec(0.f);
-
-  void scalar(int64_t i, int64_t c) {
-    const acc_t d = acc_t(x[i]) - shift[c];
-    if constexpr (kCL) {
-      a1[c] += d;
-      a2[c] += d * d;
-    } else {
-      s1 += d;
-      s2 += d * d;
-    }
+  void group(int64_t i, int n, const Vec& center, Vec& a1, Vec& a2) const {
+    Vec d = load_f(x + i, n) - center;
+    if (n < kG) d = Vec::set(Vec(0.f), d, n);
+    a1 = a1 + d;
+    a2 = at::vec::fmadd(d, d, a2);
   }
-  void vec8(int64_t i, int64_t c) {
-    if constexpr (vectorized<scalar_t>()) {
-      if constexpr (kCL) {
-        const Vec d = load_f(x + i) - Vec::loadu(shift + c);
-        (Vec::loadu(a1 + c) + d).store(a1 + c);
-        at::vec::fmadd(d, d, Vec::loadu(a2 + c)).store(a2 + c);
-      } else {
-        const Vec d = load_f(x + i) - Vec(shift[c]);
-        v1 = v1 + d;
-        v2 = at::vec::fmadd(d, d, v2);
-      }
-    }
+  void scalar(int64_t i, acc_t center, acc_t& s1, acc_t& s2) const {
+    const acc_t d = acc_t(x[i]) - center;
+    s1 += d;
+    s2 += d * d;
   }
-  double total1() const { return double(s1) + hsum(v1); }
-  double total2() const { return double(s2) + hsum(v2); }
 };
 
-// Backward reduce: s1 = sum(dy'), s2 = sum(dy' * (x - mean[c])), dy' = dy masked by ReLU.
-template <typename scalar_t, bool kCL>
-struct GradSums {
+// Backward: dy' (dy masked by the ReLU) and dy' * (x - mean[c]).
+template <typename scalar_t>
+struct GradTerms {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* dy;
   const scalar_t* x;
-  const acc_t* mean;
   const uint8_t* mask;  // null: no ReLU
-  acc_t* a1;
-  acc_t* a2;
-  acc_t s1 = 0, s2 = 0;
-  Vec v1 = Vec(0.f), v2 = Vec(0.f);
-
-  void scalar(int64_t i, int64_t c) {
+  void group(int64_t i, int n, const Vec& center, Vec& a1, Vec& a2) const {
+    Vec g = load_f(dy + i, n);  // lanes >= n are 0
+    if (mask) g = masked(g, read_bits(mask, i, n));
+    a1 = a1 + g;
+    a2 = at::vec::fmadd(g, load_f(x + i, n) - center, a2);
+  }
+  void scalar(int64_t i, acc_t center, acc_t& s1, acc_t& s2) const {
     const acc_t g = (mask == nullptr || mask_bit(mask, i)) ? acc_t(dy[i]) : acc_t(0);
-    const acc_t p = g * (acc_t(x[i]) - mean[c]);
-    if constexpr (kCL) {
-      a1[c] += g;
-      a2[c] += p;
-    } else {
-      s1 += g;
-      s2 += p;
-    }
+    s1 += g;
+    s2 += g * (acc_t(x[i]) - center);
   }
-  void vec8(int64_t i, int64_t c) {
-    if constexpr (vectorized<scalar_t>()) {
-      Vec g = load_f(dy + i);
-      if (mask != nullptr) g = masked(g, mask[i >> 3]);
-      const Vec m = kCL ? Vec::loadu(mean + c) : Vec(mean[c]);
-      const Vec xc = load_f(x + i) - m;
-      if constexpr (kCL) {
-        (Vec::loadu(a1 + c) + g).store(a1 + c);
-        at::vec::fmadd(g, xc, Vec::loadu(a2 + c)).store(a2 + c);
-      } else {
-        v1 = v1 + g;
-        v2 = at::vec::fmadd(g, xc, v2);
-      }
-    }
-  }
-  double total1() const { return double(s1) + hsum(v1); }
-  double total2() const { return double(s2) + hsum(v2); }
 };
 
-// Per-channel double sums (out1, out2, each [C]) of the functor's two quantities, and the
-// number of values per channel summed by each partial (for Welford's merge).
-template <typename scalar_t, template <typename, bool> class Sums, typename MakeSums>
-void channel_sums_nchw(const Geo& g, int64_t N, MakeSums make, std::vector<Welford<double>>* stats_out,
-                       double* out1, double* out2, const double* shift) {
-  at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      Welford<double> w;
-      double t1 = 0, t2 = 0;
-      for (int64_t n = 0; n < N; ++n) {
-        const int64_t base = (n * g.C + c) * g.HW;
-        for (int64_t j = 0; j < g.HW; j += kChunk) {
-          const int64_t len = std::min(kChunk, g.HW - j);
-          Sums<scalar_t, false> f = make(nullptr, nullptr);
-          walk<vectorized<scalar_t>()>(g, base + j, base + j + len, f);
-          if (stats_out) {
-            w = welford_merge(w, welford_from_shifted<double>(double(len), shift[c], f.total1(), f.total2()));
-          } else {
-            t1 += f.total1();
-            t2 += f.total2();
-          }
-        }
-      }
-      if (stats_out) {
-        (*stats_out)[c] = w;
-      } else {
-        out1[c] = t1;
-        out2[c] = t2;
-      }
-    }
-  });
-}
-
-template <typename scalar_t, template <typename, bool> class Sums, typename MakeSums>
-void channel_sums_cl(const Geo& g, MakeSums make, std::vector<Welford<double>>* stats_out, double* out1,
-                     double* out2, const double* shift) {
+// NCHW: each plane summed in memory order (fp32 vector partials of at most kFold
+// elements, folded into double), then the planes of each channel added up.
+template <typename scalar_t, typename Terms>
+void channel_sums_nchw(const Geo& g, const Terms& t, const at::opmath_type<scalar_t>* center, double* out1,
+                       double* out2) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t C = g.C, rows = g.numel / C;
-  const int64_t rows_per_fold = std::max<int64_t>(1, kChunk / C);
-  const int64_t max_chunks = std::max<int64_t>(1, at::get_num_threads());
-  std::vector<std::vector<double>> p1(max_chunks), p2(max_chunks);
-  std::vector<int64_t> counts(max_chunks, 0);
-  for_chunks(rows, 64, [&](int64_t t, int64_t r0, int64_t r1) {
-    std::vector<acc_t> a1(C), a2(C);
-    std::vector<double> d1(C, 0.0), d2(C, 0.0);
-    for (int64_t r = r0; r < r1; r += rows_per_fold) {
-      std::fill(a1.begin(), a1.end(), acc_t(0));
-      std::fill(a2.begin(), a2.end(), acc_t(0));
-      Sums<scalar_t, true> f = make(a1.data(), a2.data());
-      walk<vectorized<scalar_t>()>(g, r * C, std::min(r1, r + rows_per_fold) * C, f);
-      for (int64_t c = 0; c < C; ++c) {
-        d1[c] += a1[c];
-        d2[c] += a2[c];
-      }
-    }
-    p1[t] = std::move(d1);
-    p2[t] = std::move(d2);
-    counts[t] = r1 - r0;
-  });
-  for (int64_t c = 0; c < C; ++c) {
-    Welford<double> w;
-    double t1 = 0, t2 = 0;
-    for (int64_t t = 0; t < max_chunks; ++t) {
-      if (p1[t].empty()) continue;
-      if (stats_out) {
-        w = welford_merge(w, welford_from_shifted<double>(double(counts[t]), shift[c], p1[t][c], p2[t][c]));
+  std::vector<double> plane(2 * g.nseg);
+  at::parallel_for(0, g.nseg, std::max<int64_t>(1, kGrainElems / g.len), [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t base = s * g.len;
+      const acc_t ctr = center[s % g.C];
+      double d1 = 0, d2 = 0;
+      if constexpr (vectorized<scalar_t>()) {
+        const Vec vc(ctr);
+        for (int64_t j0 = 0; j0 < g.len; j0 += kFold) {
+          const int64_t j1 = std::min(g.len, j0 + kFold);
+          Vec a1(0.f), a2(0.f), b1(0.f), b2(0.f);
+          int64_t j = j0;
+          for (; j + 2 * kG <= j1; j += 2 * kG) {
+            t.group(base + j, kG, vc, a1, a2);
+            t.group(base + j + kG, kG, vc, b1, b2);
+          }
+          for (; j < j1; j += kG) t.group(base + j, int(std::min<int64_t>(kG, j1 - j)), vc, a1, a2);
+          d1 += hsum(a1 + b1);
+          d2 += hsum(a2 + b2);
+        }
       } else {
-        t1 += p1[t][c];
-        t2 += p2[t][c];
+        acc_t a1 = 0, a2 = 0;
+        for (int64_t j = 0; j < g.len; ++j) t.scalar(base + j, ctr, a1, a2);
+        d1 = double(a1);
+        d2 = double(a2);
       }
+      plane[2 * s] = d1;
+      plane[2 * s + 1] = d2;
     }
-    if (stats_out) {
-      (*stats_out)[c] = w;
-    } else {
-      out1[c] = t1;
-      out2[c] = t2;
-    }
+  });
+  std::fill(out1, out1 + g.C, 0.0);
+  std::fill(out2, out2 + g.C, 0.0);
+  for (int64_t s = 0; s < g.nseg; ++s) {
+    out1[s % g.C] += plane[2 * s];
+    out2[s % g.C] += plane[2 * s + 1];
   }
 }
 
-// Per-channel Welford statistics of a dense x (layout_of(x)).
+// channels_last: each thread sums its own rows, in memory order, into per-channel fp32
+// accumulators, folded into per-thread double arrays after each block of rows; the
+// threads' arrays are added at the end. (Interleaving several rows per accumulator load
+// measured slower: it breaks the sequential stream.)
+template <typename scalar_t, typename Terms>
+void channel_sums_cl(const Geo& g, const Terms& t, const at::opmath_type<scalar_t>* center, double* out1,
+                     double* out2) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = g.C, rows = g.nseg;
+  const int64_t block = std::clamp<int64_t>(kBlockElems / C, 16, 512);
+  const int64_t max_chunks = std::max<int64_t>(1, at::get_num_threads());
+  std::vector<double> part(2 * C * max_chunks, 0.0);
+  const int64_t chunks = for_chunks(rows, std::max<int64_t>(1, kGrainElems / C), [&](int64_t c, int64_t r0, int64_t r1) {
+    double* p1 = part.data() + 2 * C * c;
+    double* p2 = p1 + C;
+    auto acc1 = padded<acc_t>(C), acc2 = padded<acc_t>(C);
+    for (int64_t rb = r0; rb < r1; rb += block) {
+      const int64_t re = std::min(r1, rb + block);
+      std::fill(acc1.begin(), acc1.end(), acc_t(0));
+      std::fill(acc2.begin(), acc2.end(), acc_t(0));
+      if constexpr (vectorized<scalar_t>()) {
+        for (int64_t r = rb; r < re; ++r) {
+          for_groups(C, [&](int64_t j, auto n) {
+            Vec a1 = Vec::loadu(acc1.data() + j), a2 = Vec::loadu(acc2.data() + j);
+            t.group(r * C + j, n, Vec::loadu(center + j), a1, a2);
+            a1.store(acc1.data() + j);
+            a2.store(acc2.data() + j);
+          });
+        }
+      } else {
+        for (int64_t r = rb; r < re; ++r)
+          for (int64_t j = 0; j < C; ++j) t.scalar(r * C + j, center[j], acc1[j], acc2[j]);
+      }
+      for (int64_t j = 0; j < C; ++j) {
+        p1[j] += double(acc1[j]);
+        p2[j] += double(acc2[j]);
+      }
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    double t1 = 0, t2 = 0;
+    for (int64_t k = 0; k < chunks; ++k) {
+      t1 += part[2 * C * k + c];
+      t2 += part[2 * C * k + C + c];
+    }
+    out1[c] = t1;
+    out2[c] = t2;
+  }
+}
+
+template <typename scalar_t, typename Terms>
+void channel_sums(const Geo& g, const Terms& t, const at::opmath_type<scalar_t>* center, double* out1,
+                  double* out2) {
+  if (g.numel == 0) {
+    std::fill(out1, out1 + g.C, 0.0);
+    std::fill(out2, out2 + g.C, 0.0);
+  } else if (g.cl) {
+    channel_sums_cl<scalar_t>(g, t, center, out1, out2);
+  } else {
+    channel_sums_nchw<scalar_t>(g, t, center, out1, out2);
+  }
+}
+
+// Per-channel Welford statistics of a dense x (layout_of(x)), from sums shifted by one
+// value of each channel (its first in memory).
 template <typename scalar_t>
 std::vector<Welford<double>> channel_stats(const at::Tensor& xc) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -321,20 +348,12 @@ std::vector<Welford<double>> channel_stats(const at::Tensor& xc) {
   const scalar_t* x = xc.const_data_ptr<scalar_t>();
   std::vector<Welford<double>> w(g.C);
   if (g.numel == 0) return w;
-  // Shift each channel by one of its own values (the first in memory).
-  std::vector<acc_t> shift(g.C);
-  std::vector<double> shift_d(g.C);
-  for (int64_t c = 0; c < g.C; ++c) {
-    shift[c] = acc_t(g.cl ? x[c] : x[c * g.HW]);
-    shift_d[c] = double(shift[c]);
-  }
-  auto make = [&](acc_t* a1, acc_t* a2) { return StatsSums<scalar_t, false>{x, shift.data(), a1, a2}; };
-  auto make_cl = [&](acc_t* a1, acc_t* a2) { return StatsSums<scalar_t, true>{x, shift.data(), a1, a2}; };
-  if (g.cl) {
-    channel_sums_cl<scalar_t, StatsSums>(g, make_cl, &w, nullptr, nullptr, shift_d.data());
-  } else {
-    channel_sums_nchw<scalar_t, StatsSums>(g, xc.size(0), make, &w, nullptr, nullptr, shift_d.data());
-  }
+  auto shift = padded<acc_t>(g.C);
+  for (int64_t c = 0; c < g.C; ++c) shift[c] = acc_t(g.cl ? x[c] : x[c * g.len]);
+  std::vector<double> s1(g.C), s2(g.C);
+  channel_sums<scalar_t>(g, StatsTerms<scalar_t>{x}, shift.data(), s1.data(), s2.data());
+  const double n = double(g.numel / g.C);
+  for (int64_t c = 0; c < g.C; ++c) w[c] = welford_from_shifted<double>(n, double(shift[c]), s1[c], s2[c]);
   return w;
 }
 
@@ -342,95 +361,111 @@ std::vector<Welford<double>> channel_stats(const at::Tensor& xc) {
 // Elementwise passes
 // ---------------------------------------------------------------------------------
 
-// out = relu?((x - mean) * scale + bias + residual), mask bits.
-template <typename scalar_t>
-struct Apply {
-  using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* x;
-  const scalar_t* r;  // null: no residual
-  scalar_t* out;
-  uint8_t* mask;  // null: no ReLU
-  const acc_t* mean;
-  const acc_t* scale;
-  const acc_t* bias;
-  bool cl;
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
 
-  void scalar(int64_t i, int64_t c) {
-    acc_t y = normalize<acc_t>(acc_t(x[i]), mean[c], scale[c], bias[c]);
-    if (r) y += acc_t(r[i]);
-    if (mask) {
-      set_bit(mask, i, passes(y));
-      y = relu(y);
-    }
-    out[i] = scalar_t(y);
-  }
-  void vec8(int64_t i, int64_t c) {
-    if constexpr (vectorized<scalar_t>()) {
-      const Vec m = cl ? Vec::loadu(mean + c) : Vec(mean[c]);
-      const Vec s = cl ? Vec::loadu(scale + c) : Vec(scale[c]);
-      const Vec b = cl ? Vec::loadu(bias + c) : Vec(bias[c]);
-      Vec y = at::vec::fmadd(load_f(x + i) - m, s, b);
-      if (r) y = y + load_f(r + i);
-      if (mask) {
-        mask[i >> 3] = pass_bits(y);
-        y = at::vec::clamp_min(y, Vec(0.f));
+// out = relu?((x - mean) * scale + bias + residual), mask bits. Segments of a multiple
+// of 8 elements (channels_last with C % 8 == 0, most NCHW planes) store whole mask bytes;
+// others go through the bit writer.
+template <typename scalar_t, bool kCL>
+void apply_kernel(const Geo& g, const scalar_t* x, const scalar_t* r, scalar_t* out, uint8_t* mask,
+                  const at::opmath_type<scalar_t>* mean, const at::opmath_type<scalar_t>* scale,
+                  const at::opmath_type<scalar_t>* bias) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t len = g.len, C = g.C;
+  const bool whole_bytes = len % kG == 0;
+  parallel_segments(g, [=](int64_t s0, int64_t s1) {
+    BitWriter bw{mask ? mask + s0 * len / 8 : nullptr};
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t base = s * len;
+      const int64_t c = kCL ? 0 : s % C;
+      if constexpr (vectorized<scalar_t>()) {
+        Vec m(mean[c]), sc(scale[c]), b(bias[c]);
+        // normalizes the group at base + j, stores it, returns its mask bits
+        auto group = [&](int64_t j, auto n) -> uint32_t {
+          if constexpr (kCL) {
+            m = Vec::loadu(mean + j);
+            sc = Vec::loadu(scale + j);
+            b = Vec::loadu(bias + j);
+          }
+          Vec y = at::vec::fmadd(load_f(x + base + j, n) - m, sc, b);
+          if (r) y = y + load_f(r + base + j, n);
+          uint32_t bits = 0;
+          if (mask) {
+            bits = pass_bits(y) & low_bits(n);
+            y = at::vec::clamp_min(y, Vec(0.f));
+          }
+          store_f(out + base + j, y, n);
+          return bits;
+        };
+        if (whole_bytes) {
+          uint8_t* mb = mask ? mask + base / 8 : nullptr;
+          for (int64_t j = 0; j < len; j += kG) {
+            const uint32_t bits = group(j, std::integral_constant<int, kG>{});
+            if (mb) mb[j / 8] = uint8_t(bits);
+          }
+        } else {
+          for_groups(len, [&](int64_t j, auto n) {
+            const uint32_t bits = group(j, n);
+            if (mask) bw.push(bits, n);
+          });
+        }
+      } else {
+        for (int64_t j = 0; j < len; ++j) {
+          const int64_t i = base + j, ch = kCL ? j : c;
+          acc_t y = normalize<acc_t>(acc_t(x[i]), mean[ch], scale[ch], bias[ch]);
+          if (r) y += acc_t(r[i]);
+          if (mask) {
+            bw.push(uint32_t(passes(y)), 1);
+            y = relu(y);
+          }
+          out[i] = scalar_t(y);
+        }
       }
-      store_f(out + i, y);
     }
-  }
-};
-
-// dx = dy' * k + (x - mean) * a + b0; grad_residual = dy'.
-template <typename scalar_t>
-struct GradElemt {
-  using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* dy;
-  const scalar_t* x;
-  const uint8_t* mask;
-  scalar_t* dx;
-  scalar_t* dr;  // null: not requested
-  const acc_t* mean;
-  const acc_t* k;
-  const acc_t* a;
-  const acc_t* b0;
-  bool cl;
-
-  void scalar(int64_t i, int64_t c) {
-    const acc_t g = (mask == nullptr || mask_bit(mask, i)) ? acc_t(dy[i]) : acc_t(0);
-    const BackwardCoefs<acc_t> co{k[c], a[c], b0[c]};
-    dx[i] = scalar_t(grad_input<acc_t>(g, acc_t(x[i]), mean[c], co));
-    if (dr) dr[i] = scalar_t(g);
-  }
-  void vec8(int64_t i, int64_t c) {
-    if constexpr (vectorized<scalar_t>()) {
-      Vec g = load_f(dy + i);
-      if (mask) g = masked(g, mask[i >> 3]);
-      const Vec m = cl ? Vec::loadu(mean + c) : Vec(mean[c]);
-      const Vec vk = cl ? Vec::loadu(k + c) : Vec(k[c]);
-      const Vec va = cl ? Vec::loadu(a + c) : Vec(a[c]);
-      const Vec vb = cl ? Vec::loadu(b0 + c) : Vec(b0[c]);
-      store_f(dx + i, at::vec::fmadd(load_f(x + i) - m, va, at::vec::fmadd(g, vk, vb)));
-      if (dr) store_f(dr + i, g);
-    }
-  }
-};
-
-template <typename F>
-void parallel_walk(const Geo& g, bool vector, F& f) {
-  const int64_t nbytes = mask_bytes(g.numel);
-  at::parallel_for(0, nbytes, kGrainBytes, [&](int64_t b0, int64_t b1) {
-    F local = f;
-    if (vector) {
-      walk<true>(g, b0 * 8, std::min(b1 * 8, g.numel), local);
-    } else {
-      walk<false>(g, b0 * 8, std::min(b1 * 8, g.numel), local);
-    }
+    bw.flush();
   });
 }
 
-template <typename T>
-const T* ptr_or_null(const std::optional<at::Tensor>& t) {
-  return opt(t) ? opt(t)->const_data_ptr<T>() : nullptr;
+// dx = dy' * k + (x - mean) * a + b0; grad_residual = dy'.
+template <typename scalar_t, bool kCL>
+void grad_kernel(const Geo& g, const scalar_t* dy, const scalar_t* x, const uint8_t* mask, scalar_t* dx,
+                 scalar_t* dr, const at::opmath_type<scalar_t>* mean, const at::opmath_type<scalar_t>* k,
+                 const at::opmath_type<scalar_t>* a, const at::opmath_type<scalar_t>* b0) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t len = g.len, C = g.C;
+  parallel_segments(g, [=](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t base = s * len;
+      const int64_t c = kCL ? 0 : s % C;
+      if constexpr (vectorized<scalar_t>()) {
+        Vec m(mean[c]), vk(k[c]), va(a[c]), vb(b0[c]);
+        for_groups(len, [&](int64_t j, auto n) {
+          const int64_t i = base + j;
+          if constexpr (kCL) {
+            m = Vec::loadu(mean + j);
+            vk = Vec::loadu(k + j);
+            va = Vec::loadu(a + j);
+            vb = Vec::loadu(b0 + j);
+          }
+          Vec gv = load_f(dy + i, n);
+          if (mask) gv = masked(gv, read_bits(mask, i, n));
+          store_f(dx + i, at::vec::fmadd(load_f(x + i, n) - m, va, at::vec::fmadd(gv, vk, vb)), n);
+          if (dr) store_f(dr + i, gv, n);
+        });
+      } else {
+        for (int64_t j = 0; j < len; ++j) {
+          const int64_t i = base + j, ch = kCL ? j : c;
+          const acc_t gv = (mask == nullptr || mask_bit(mask, i)) ? acc_t(dy[i]) : acc_t(0);
+          const BackwardCoefs<acc_t> co{k[ch], a[ch], b0[ch]};
+          dx[i] = scalar_t(grad_input<acc_t>(gv, acc_t(x[i]), mean[ch], co));
+          if (dr) dr[i] = scalar_t(gv);
+        }
+      }
+    }
+  });
 }
 
 // Apply with already-computed per-channel statistics; writes out and mask.
@@ -438,37 +473,32 @@ void apply_impl(const at::Tensor& xc, const at::Tensor& mean, const at::Tensor& 
                 const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                 const std::optional<at::Tensor>& residual, at::Tensor& out, at::Tensor& mask) {
   const Geo g(xc);
-  const auto fmt = layout_of(xc);
-  at::Tensor rc = opt(residual) ? opt(residual)->contiguous(fmt) : at::Tensor();
+  at::Tensor rc = opt(residual) ? opt(residual)->contiguous(layout_of(xc)) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "bn_act_apply_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const int64_t C = g.C;
-    auto mc = mean.contiguous();
-    auto ic = invstd.contiguous();
+    auto mc = mean.contiguous(), ic = invstd.contiguous();
     auto wc = opt(weight) ? opt(weight)->contiguous() : at::Tensor();
     auto bc = opt(bias) ? opt(bias)->contiguous() : at::Tensor();
-    const acc_t* w = wc.defined() ? wc.const_data_ptr<acc_t>() : nullptr;
-    const acc_t* b = bc.defined() ? bc.const_data_ptr<acc_t>() : nullptr;
-    std::vector<acc_t> scale(C), shift(C);
-    for (int64_t c = 0; c < C; ++c) {
+    const acc_t* w = ptr_or_null<acc_t>(wc);
+    const acc_t* b = ptr_or_null<acc_t>(bc);
+    auto m = padded<acc_t>(g.C), scale = padded<acc_t>(g.C), shift = padded<acc_t>(g.C);
+    for (int64_t c = 0; c < g.C; ++c) {
+      m[c] = mc.const_data_ptr<acc_t>()[c];
       scale[c] = scale_of<acc_t>(w, c, ic.const_data_ptr<acc_t>()[c]);
       shift[c] = bias_of<acc_t>(b, c);
     }
-    Apply<scalar_t> f{xc.const_data_ptr<scalar_t>(),
-                      rc.defined() ? rc.const_data_ptr<scalar_t>() : nullptr,
-                      out.mutable_data_ptr<scalar_t>(),
-                      mask.numel() ? mask.mutable_data_ptr<uint8_t>() : nullptr,
-                      mc.const_data_ptr<acc_t>(),
-                      scale.data(),
-                      shift.data(),
-                      g.cl};
-    parallel_walk(g, vectorized<scalar_t>(), f);
+    auto run = [&](auto cl) {
+      apply_kernel<scalar_t, decltype(cl)::value>(g, xc.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(rc),
+                                                  out.mutable_data_ptr<scalar_t>(),
+                                                  mask.numel() ? mask.mutable_data_ptr<uint8_t>() : nullptr,
+                                                  m.data(), scale.data(), shift.data());
+    };
+    g.cl ? run(std::true_type{}) : run(std::false_type{});
   });
 }
 
 std::tuple<at::Tensor, at::Tensor> new_out_and_mask(const at::Tensor& xc, bool relu) {
-  const auto fmt = layout_of(xc);
-  auto out = at::empty_like(xc, xc.options().memory_format(fmt));
+  auto out = at::empty_like(xc, xc.options().memory_format(layout_of(xc)));
   auto mask = at::empty({relu ? mask_bytes(xc.numel()) : 0}, xc.options().dtype(at::kByte));
   return {out, mask};
 }
@@ -547,23 +577,13 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(const at::Tensor& grad_ou
   auto sum_dy = at::empty({g.C}, opts), sum_dy_xhat = at::empty({g.C}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_backward_reduce_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto mc = mean.contiguous();
-    auto ic = invstd.contiguous();
+    auto mc = mean.contiguous(), ic = invstd.contiguous();
     auto mkc = opt(mask) ? opt(mask)->contiguous() : at::Tensor();
-    const scalar_t* dy = gc.const_data_ptr<scalar_t>();
-    const scalar_t* xp = xc.const_data_ptr<scalar_t>();
-    const acc_t* m = mc.const_data_ptr<acc_t>();
-    const uint8_t* mk = mkc.defined() ? mkc.const_data_ptr<uint8_t>() : nullptr;
-    std::vector<double> s1(g.C, 0.0), s2(g.C, 0.0);
-    if (g.numel > 0) {
-      if (g.cl) {
-        auto make = [&](acc_t* a1, acc_t* a2) { return GradSums<scalar_t, true>{dy, xp, m, mk, a1, a2}; };
-        channel_sums_cl<scalar_t, GradSums>(g, make, nullptr, s1.data(), s2.data(), nullptr);
-      } else {
-        auto make = [&](acc_t* a1, acc_t* a2) { return GradSums<scalar_t, false>{dy, xp, m, mk, a1, a2}; };
-        channel_sums_nchw<scalar_t, GradSums>(g, xc.size(0), make, nullptr, s1.data(), s2.data(), nullptr);
-      }
-    }
+    auto m = padded<acc_t>(g.C);
+    std::copy_n(mc.const_data_ptr<acc_t>(), g.C, m.begin());
+    std::vector<double> s1(g.C), s2(g.C);
+    GradTerms<scalar_t> t{gc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(), ptr_or_null<uint8_t>(mkc)};
+    channel_sums<scalar_t>(g, t, m.data(), s1.data(), s2.data());
     for (int64_t c = 0; c < g.C; ++c) {
       sum_dy.mutable_data_ptr<acc_t>()[c] = acc_t(s1[c]);
       sum_dy_xhat.mutable_data_ptr<acc_t>()[c] = acc_t(s2[c] * double(ic.const_data_ptr<acc_t>()[c]));
@@ -590,35 +610,31 @@ std::tuple<at::Tensor, at::Tensor> backward_elemt_cpu(const at::Tensor& grad_out
   auto dr = grad_residual ? at::empty_like(xc, xc.options().memory_format(fmt)) : at::empty({0}, xc.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_backward_elemt_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto mc = mean.contiguous();
-    auto ic = invstd.contiguous();
+    auto mc = mean.contiguous(), ic = invstd.contiguous();
     auto wc = opt(weight) ? opt(weight)->contiguous() : at::Tensor();
     auto mkc = opt(mask) ? opt(mask)->contiguous() : at::Tensor();
     const bool has_sums = opt(sum_dy) != nullptr;
     auto s1 = has_sums ? opt(sum_dy)->contiguous() : at::Tensor();
     auto s2 = has_sums ? opt(sum_dy_xhat)->contiguous() : at::Tensor();
-    const acc_t* w = wc.defined() ? wc.const_data_ptr<acc_t>() : nullptr;
-    std::vector<acc_t> k(g.C), a(g.C), b0(g.C);
+    const acc_t* w = ptr_or_null<acc_t>(wc);
+    auto m = padded<acc_t>(g.C), k = padded<acc_t>(g.C), a = padded<acc_t>(g.C), b0 = padded<acc_t>(g.C);
     const acc_t inv_count = has_sums ? acc_t(1) / acc_t(count) : acc_t(0);
     for (int64_t c = 0; c < g.C; ++c) {
       auto co = backward_coefs<acc_t>(w, c, ic.const_data_ptr<acc_t>()[c], has_sums,
                                       has_sums ? s1.const_data_ptr<acc_t>()[c] : acc_t(0),
                                       has_sums ? s2.const_data_ptr<acc_t>()[c] : acc_t(0), inv_count);
+      m[c] = mc.const_data_ptr<acc_t>()[c];
       k[c] = co.k;
       a[c] = co.a;
       b0[c] = co.b0;
     }
-    GradElemt<scalar_t> f{gc.const_data_ptr<scalar_t>(),
-                          xc.const_data_ptr<scalar_t>(),
-                          mkc.defined() ? mkc.const_data_ptr<uint8_t>() : nullptr,
-                          dx.mutable_data_ptr<scalar_t>(),
-                          grad_residual ? dr.mutable_data_ptr<scalar_t>() : nullptr,
-                          mc.const_data_ptr<acc_t>(),
-                          k.data(),
-                          a.data(),
-                          b0.data(),
-                          g.cl};
-    parallel_walk(g, vectorized<scalar_t>(), f);
+    auto run = [&](auto cl) {
+      grad_kernel<scalar_t, decltype(cl)::value>(g, gc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(),
+                                                 ptr_or_null<uint8_t>(mkc), dx.mutable_data_ptr<scalar_t>(),
+                                                 grad_residual ? dr.mutable_data_ptr<scalar_t>() : nullptr, m.data(),
+                                                 k.data(), a.data(), b0.data());
+    };
+    g.cl ? run(std::true_type{}) : run(std::false_type{});
   });
   return {dx, dr};
 }

@@ -72,8 +72,8 @@ class BatchNormAct2d(nn.BatchNorm2d):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         x, residual, training, running_mean, running_var, momentum = self._prepare(x, residual)
-        return bn_act.batch_norm_act(x, self.weight, self.bias, running_mean, running_var, training=training,
-                                     momentum=momentum, eps=self.eps, residual=residual, activation=self.activation)
+        return bn_act._forward(x, self.weight, self.bias, running_mean, running_var, training, momentum, self.eps,
+                               residual, self.activation)
 
     def then_conv(self, x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
         """``conv(self(x))``. In training with ReLU, backward recomputes this module's

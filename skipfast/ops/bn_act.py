@@ -34,6 +34,9 @@ invstd and the mask (nothing else full-size); its backward is backward_reduce th
 backward_elemt. ``bn_act_apply`` (eval, or a sync BN's apply) has its own backward with
 gradients for x, residual, weight, bias, mean and invstd. Running statistics are updated
 here in Python with in-place torch ops (traceable by torch.compile), after validation.
+In eager mode the C++ backend skips torch.library's generated Python wrapper: training
+goes through ``_Train`` (same saved tensors, same backward) and calls without a graph to
+record go straight to the kernel; under torch.compile the registered ops are traced.
 """
 from __future__ import annotations
 
@@ -86,8 +89,12 @@ def _validate(x, weight, bias, running_mean, running_var, training, momentum, ep
     for name, v in (("momentum", momentum), ("eps", eps)):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise TypeError(f"{OP}: {name} must be a float, got {type(v).__name__}")
+    C, device = x.shape[1], x.device
     for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
-        _channel_vector(name, t, x)
+        # one cheap test for the valid case; _channel_vector then names what is wrong
+        if t is not None and not (isinstance(t, torch.Tensor) and t.dim() == 1 and t.shape[0] == C
+                                  and t.is_floating_point() and t.device == device):
+            _channel_vector(name, t, x)
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{OP}: running_mean and running_var must both be tensors or both be None")
     if not training and running_mean is None:
@@ -128,6 +135,11 @@ def batch_norm_act(x, weight, bias, running_mean, running_var, *, training, mome
     """
     x, residual = autocast_promote(x, residual)
     _validate(x, weight, bias, running_mean, running_var, training, momentum, eps, residual, activation)
+    return _forward(x, weight, bias, running_mean, running_var, training, momentum, eps, residual, activation)
+
+
+def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps, residual, activation):
+    """batch_norm_act on inputs already promoted and validated (the module validates once)."""
     backend = _backend.select("bn_act", x.device)
     if backend == "reference" or x.numel() == 0 or _float64_on_gpu(x):
         return batch_norm_act_reference(x, weight, bias, running_mean, running_var, training=training,
@@ -135,19 +147,40 @@ def batch_norm_act(x, weight, bias, running_mean, running_var, *, training, mome
     ops = _OPS[backend]
     relu = activation == "relu"
     sd = stat_dtype(x)
-    w = None if weight is None else weight.to(sd)
-    b = None if bias is None else bias.to(sd)
+    w = weight if weight is None or weight.dtype == sd else weight.to(sd)
+    b = bias if bias is None or bias.dtype == sd else bias.to(sd)
     if training:
-        out, mean, var, _invstd, _mask = ops.train(x, w, b, residual, float(eps), relu)
+        if not _eager_cpp(backend):
+            out, mean, var, _invstd, _mask = ops.train(x, w, b, residual, float(eps), relu)
+        elif torch.is_grad_enabled() and torch._C._any_requires_grad(x, w, b, residual):
+            out, mean, var, _invstd, _mask = _Train.apply(x, w, b, residual, float(eps), relu, ops)
+        else:
+            with torch._C._AutoDispatchBelowAutograd():  # no graph to record: straight to the kernel
+                out, mean, var, _invstd, _mask = ops.train(x, w, b, residual, float(eps), relu)
         if running_mean is not None:
-            n = x.numel() // x.shape[1]
-            # torch: running = (1 - momentum) * running + momentum * batch (unbiased var).
-            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-            running_var.mul_(1 - momentum).add_((var * (n / (n - 1))).to(running_var.dtype), alpha=momentum)
+            _update_running(running_mean, running_var, mean, var, momentum, x.numel() // x.shape[1])
         return out
-    invstd = torch.rsqrt(running_var.to(sd) + eps)
-    out, _mask = ops.apply(x, running_mean.to(sd), invstd, w, b, residual, relu)
-    return out
+    mean, invstd = running_mean.to(sd), torch.rsqrt(running_var.to(sd) + eps)
+    if _eager_cpp(backend) and not (torch.is_grad_enabled()
+                                    and torch._C._any_requires_grad(x, mean, invstd, w, b, residual)):
+        with torch._C._AutoDispatchBelowAutograd():
+            return ops.apply(x, mean, invstd, w, b, residual, relu)[0]
+    return ops.apply(x, mean, invstd, w, b, residual, relu)[0]
+
+
+def _eager_cpp(backend):
+    """The C++ ops may be called below autograd / through ``_Train``: plain eager mode (not
+    traced by torch.compile, no torch.func transform, which take the registered ops)."""
+    return (backend == "cpp" and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active())
+
+
+def _update_running(running_mean, running_var, mean, var, momentum, n):
+    """torch's update: running = (1 - momentum) * running + momentum * batch (unbiased var)."""
+    if mean.dtype != running_mean.dtype:
+        mean, var = mean.to(running_mean.dtype), var.to(running_var.dtype)
+    running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
+    running_var.mul_(1 - momentum).add_(var, alpha=momentum * n / (n - 1))
 
 
 # ---- autograd -------------------------------------------------------------------
@@ -161,23 +194,47 @@ def _train_setup_context(ctx, inputs, output):
     ctx.relu = relu
 
 
+def _train_grads(ctx, ops, grad_out):
+    """Gradients of bn_act_train's (x, weight, bias, residual)."""
+    x, weight, mean, invstd, mask = ctx.saved_tensors
+    need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
+    sum_dy, sum_dy_xhat = ops.backward_reduce(grad_out, x, mean, invstd, mask)
+    gx = gr = None
+    if need_x or (need_r and ctx.relu):
+        count = x.numel() // x.shape[1]
+        gx, gr = ops.backward_elemt(grad_out, x, mean, invstd, weight, mask, sum_dy, sum_dy_xhat, count,
+                                    bool(need_r and ctx.relu))
+    if need_r and not ctx.relu:
+        gr = grad_out
+    gw = sum_dy_xhat if need_w else None
+    gb = sum_dy if need_b else None
+    return gx if need_x else None, gw, gb, gr if need_r else None
+
+
 def _make_train_backward(ops):
     def backward(ctx, grad_out, *_):
-        x, weight, mean, invstd, mask = ctx.saved_tensors
-        need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
-        sum_dy, sum_dy_xhat = ops.backward_reduce(grad_out, x, mean, invstd, mask)
-        gx = gr = None
-        if need_x or (need_r and ctx.relu):
-            count = x.numel() // x.shape[1]
-            gx, gr = ops.backward_elemt(grad_out, x, mean, invstd, weight, mask, sum_dy, sum_dy_xhat, count,
-                                        bool(need_r and ctx.relu))
-        if need_r and not ctx.relu:
-            gr = grad_out
-        gw = sum_dy_xhat if need_w else None
-        gb = sum_dy if need_b else None
-        return gx if need_x else None, gw, gb, gr if need_r else None, None, None
+        return (*_train_grads(ctx, ops, grad_out), None, None)
 
     return backward
+
+
+class _Train(torch.autograd.Function):
+    """Eager-mode autograd of the C++ bn_act_train: the same saved tensors and backward as
+    the registered autograd (which torch.compile traces), without the per-call Python
+    layers of torch.library's generated wrapper (about 50 us a call, comparable to the
+    kernels at small shapes). The op runs below autograd, straight to its kernel."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, eps, relu, ops):
+        with torch._C._AutoDispatchBelowAutograd():
+            output = ops.train(x, weight, bias, residual, eps, relu)
+        _train_setup_context(ctx, (x, weight, bias, residual, eps, relu), output)
+        ctx.ops = ops
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_out, *_):
+        return (*_train_grads(ctx, ctx.ops, grad_out), None, None, None)
 
 
 def _apply_setup_context(ctx, inputs, output):
