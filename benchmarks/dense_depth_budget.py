@@ -11,10 +11,11 @@ for any machine. A depth fits when its saved bytes are within the budget.
 from __future__ import annotations
 
 import argparse
-import os
+import contextlib
 
 import torch
 
+from skipfast import _backend
 from skipfast.models.densenet import DenseNet
 
 DEPTHS = [40, 64, 100, 148, 190, 250, 310]
@@ -33,17 +34,9 @@ def saved_mib(depth: int, batch: int, eager: bool) -> float:
             seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
         return t
 
-    old = os.environ.get("SKIPFAST_BACKEND")
-    if eager:
-        os.environ["SKIPFAST_BACKEND"] = "reference"
-    try:
+    with _backend.forced("reference") if eager else contextlib.nullcontext():
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             model(torch.randn(batch, 3, 32, 32))
-    finally:
-        if eager:
-            os.environ.pop("SKIPFAST_BACKEND")
-        if old is not None:
-            os.environ["SKIPFAST_BACKEND"] = old
     return sum(seen.values()) / 2**20
 
 

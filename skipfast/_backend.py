@@ -11,6 +11,7 @@ that cannot run on the device raises an error that says why.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import warnings
@@ -104,3 +105,17 @@ def select(family: str, device: torch.device) -> str:
         if _why_not(backend, device) is None:
             return backend
     return "reference"
+
+
+@contextlib.contextmanager
+def forced(name: str):
+    """Within the block, every family runs on backend ``name`` (as ``SKIPFAST_BACKEND=name``)."""
+    old = os.environ.get("SKIPFAST_BACKEND")
+    os.environ["SKIPFAST_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["SKIPFAST_BACKEND"]
+        else:
+            os.environ["SKIPFAST_BACKEND"] = old

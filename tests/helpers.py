@@ -1,8 +1,6 @@
 """Shared test oracles: the fp64 reference and DESIGN.md's tolerance rules."""
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 
@@ -37,16 +35,8 @@ def saved_bytes(fn, *args, **kwargs):
     return sum(seen.values()), out
 
 
-@contextlib.contextmanager
 def backend(name):
-    import os
+    """Force a backend within a ``with`` block (``skipfast._backend.forced``)."""
+    from skipfast import _backend
 
-    old = os.environ.get("SKIPFAST_BACKEND")
-    os.environ["SKIPFAST_BACKEND"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["SKIPFAST_BACKEND"]
-        else:
-            os.environ["SKIPFAST_BACKEND"] = old
+    return _backend.forced(name)

@@ -11,26 +11,15 @@ through SKIPFAST_BACKEND.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 
 import torch
 import torch.nn.functional as F
 
+from .. import _backend
 from . import ceilings
 
 CL = torch.channels_last
-
-
-@contextlib.contextmanager
-def _backend(name):
-    old = os.environ.get("SKIPFAST_BACKEND")
-    os.environ["SKIPFAST_BACKEND"] = name
-    try:
-        yield
-    finally:
-        os.environ.pop("SKIPFAST_BACKEND") if old is None else os.environ.__setitem__("SKIPFAST_BACKEND", old)
 
 
 def device_us(fn, calls: int = 20) -> float:
@@ -125,14 +114,14 @@ def measure(calls: int = 20) -> dict:
                 row = {"case": f"{name} {list(shape)} {fname}", "min_bytes": nbytes, "us": {}}
                 row["us"]["eager"] = device_us(eager, calls)
                 for backend in ("cpp", "triton"):
-                    with _backend(backend):
+                    with _backend.forced(backend):
                         row["us"][backend] = device_us(fused, calls)
                 rows.append(row)
     for args in ((64, 64, 64, 56, 3, 1), (64, 256, 64, 56, 1, 1), (64, 128, 128, 28, 3, 1), (64, 3, 64, 224, 7, 2)):
         for name, eager, fused, flops in _conv_cases(*args, torch.bfloat16):
             row = {"case": f"{name} bf16 NHWC", "flops": flops, "us": {"eager": device_us(eager, calls)}}
             for backend in ("cpp", "triton"):
-                with _backend(backend):
+                with _backend.forced(backend):
                     row["us"][backend] = device_us(fused, calls)
             rows.append(row)
     return {"device": torch.cuda.get_device_name(), "copy_GBps": copy["GBps"], "calls": calls, "rows": rows}

@@ -272,17 +272,18 @@ def _register_autograd(ops):
 
 
 _OPS: dict[str, types.SimpleNamespace] = {}
+_PHASES = ("stats", "apply", "train", "backward_reduce", "backward_elemt")
+
+
+def _op_set(suffix: str) -> types.SimpleNamespace:
+    """The phase ops ``skipfast::bn_act_<phase><suffix>`` of one backend."""
+    ops = types.SimpleNamespace(**{p: getattr(torch.ops.skipfast, f"bn_act_{p}{suffix}") for p in _PHASES})
+    ops.train_name, ops.apply_name = f"skipfast::bn_act_train{suffix}", f"skipfast::bn_act_apply{suffix}"
+    return ops
+
 
 if _backend.has_extension():
-    _OPS["cpp"] = types.SimpleNamespace(
-        stats=torch.ops.skipfast.bn_act_stats,
-        apply=torch.ops.skipfast.bn_act_apply,
-        train=torch.ops.skipfast.bn_act_train,
-        backward_reduce=torch.ops.skipfast.bn_act_backward_reduce,
-        backward_elemt=torch.ops.skipfast.bn_act_backward_elemt,
-        train_name="skipfast::bn_act_train",
-        apply_name="skipfast::bn_act_apply",
-    )
+    _OPS["cpp"] = _op_set("")
 
     def _channel(x):
         return x.new_empty((x.shape[1],), dtype=stat_dtype(x))
@@ -348,15 +349,7 @@ if _backend.has_triton():
         return _kernels.backward_elemt(grad_out, x, mean, invstd, weight, mask, sum_dy, sum_dy_xhat, count,
                                        grad_residual, wrap=_wrap)
 
-    _OPS["triton"] = types.SimpleNamespace(
-        stats=torch.ops.skipfast.bn_act_stats_triton,
-        apply=torch.ops.skipfast.bn_act_apply_triton,
-        train=torch.ops.skipfast.bn_act_train_triton,
-        backward_reduce=torch.ops.skipfast.bn_act_backward_reduce_triton,
-        backward_elemt=torch.ops.skipfast.bn_act_backward_elemt_triton,
-        train_name="skipfast::bn_act_train_triton",
-        apply_name="skipfast::bn_act_apply_triton",
-    )
+    _OPS["triton"] = _op_set("_triton")
     _register_autograd(_OPS["triton"])
 
 
