@@ -1,12 +1,14 @@
 // bn_act on CPU: batch-norm statistics, fused normalize + residual + ReLU (with a
 // bit-packed ReLU mask), and the two backward passes. Math in csrc/bn_act.h.
 //
-// Every kernel walks x in its dense layout as `nseg` segments of `len` contiguous
+// The kernels see x in its dense layout as `nseg` segments of `len` contiguous
 // elements: NCHW planes (segment s is channel s % C) or channels_last rows (lane j of a
-// row is channel j). A segment is cut into groups of 8 elements (the last one may be
-// shorter); a group is one 8-lane vector and 8 mask bits, read at any bit offset and
-// written through a sequential bit writer. Parallel chunks of the elementwise passes
-// start at segments that are multiples of 8, so every mask byte has exactly one writer.
+// row is channel j). A group of 8 elements is one 8-lane vector and one mask byte. The
+// elementwise passes walk NCHW in flat groups (a group may cross planes, its per-channel
+// values are then gathered per lane) and channels_last row by row (groups of a row; when
+// C is not a multiple of 8 the mask bits go through a sequential bit writer). Parallel
+// chunks start at multiples of 8 elements (rows: multiples of 8 rows), so every mask byte
+// has exactly one writer.
 // Reductions never loop over one channel's strided planes: NCHW sums each plane (in
 // memory order) and then adds the planes of a channel; channels_last gives each thread
 // per-channel accumulators over its own rows.
@@ -152,6 +154,33 @@ void parallel_segments(const Geo& g, F fn) {
   const int64_t grain = std::max<int64_t>(1, kGrainElems / (8 * g.len));
   at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) { fn(u0 * 8, std::min(u1 * 8, g.nseg)); });
 }
+
+// Runs fn(e0, e1) over chunks of [0, numel) that start at multiples of 8 elements.
+template <typename F>
+void parallel_groups(int64_t numel, F fn) {
+  if (numel == 0) return;
+  at::parallel_for(0, (numel + kG - 1) / kG, kGrainElems / kG,
+                   [&](int64_t u0, int64_t u1) { fn(u0 * kG, std::min(u1 * kG, numel)); });
+}
+
+// NCHW walked in flat groups of 8 elements, so that every group is a whole vector and a
+// whole mask byte: per-channel values are broadcast while a group lies in one plane and
+// blended lane by lane where it crosses into the next one. Needs planes of at least 8
+// elements (a group then crosses at most one boundary). The walker keeps the current
+// plane's channel c and the flat index where that plane ends.
+struct PlaneWalk {
+  int64_t len, C, c, end;
+  PlaneWalk(int64_t len_, int64_t C_, int64_t i0) : len(len_), C(C_), c((i0 / len_) % C_), end((i0 / len_ + 1) * len_) {}
+  // For the group at i (visited in increasing order): false when it lies in the current
+  // plane; otherwise moves to the next plane and sets `from` to the lanes that belong to it.
+  bool crosses(int64_t i, Vec& from) {
+    if (i + kG <= end) return false;
+    from = Vec::loadu(kLut.v[(0xFFu << (end - i)) & 0xFFu]);
+    c = c + 1 == C ? 0 : c + 1;
+    end += len;
+    return true;
+  }
+};
 
 // Splits [0, n) into at most get_num_threads() contiguous chunks and runs fn(chunk, begin, end).
 template <typename F>
@@ -366,76 +395,147 @@ const T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
 }
 
-// out = relu?((x - mean) * scale + bias + residual), mask bits. Segments of a multiple
-// of 8 elements (channels_last with C % 8 == 0, most NCHW planes) store whole mask bytes;
-// others go through the bit writer.
+// out = relu?((x - mean) * scale + bias + residual), mask bits, over segments [s0, s1).
+// Segments of a multiple of 8 elements (channels_last with C % 8 == 0, most NCHW planes)
+// store whole mask bytes; others go through the bit writer. Pointers and sizes arrive as
+// parameters: a mask-byte store may alias any object in memory, so values read through a
+// closure would be reloaded after every store.
+template <typename scalar_t, bool kCL>
+void apply_segments(int64_t s0, int64_t s1, int64_t len, int64_t C, const scalar_t* __restrict__ x,
+                    const scalar_t* __restrict__ r, scalar_t* __restrict__ out, uint8_t* __restrict__ mask,
+                    const at::opmath_type<scalar_t>* __restrict__ mean,
+                    const at::opmath_type<scalar_t>* __restrict__ scale,
+                    const at::opmath_type<scalar_t>* __restrict__ bias) {
+  using acc_t = at::opmath_type<scalar_t>;
+  BitWriter bw{mask ? mask + s0 * len / 8 : nullptr};
+  for (int64_t s = s0; s < s1; ++s) {
+    const int64_t base = s * len;
+    const int64_t c = kCL ? 0 : s % C;
+    if constexpr (vectorized<scalar_t>()) {
+      const Vec m0(mean[c]), sc0(scale[c]), b0(bias[c]);
+      // normalizes the group at base + j, stores it, returns its mask bits
+      auto group = [&](int64_t j, auto n) -> uint32_t {
+        Vec m = m0, sc = sc0, b = b0;
+        if constexpr (kCL) {
+          m = Vec::loadu(mean + j);
+          sc = Vec::loadu(scale + j);
+          b = Vec::loadu(bias + j);
+        }
+        Vec y = at::vec::fmadd(load_f(x + base + j, n) - m, sc, b);
+        if (r) y = y + load_f(r + base + j, n);
+        uint32_t bits = 0;
+        if (mask) {
+          bits = pass_bits(y) & low_bits(n);
+          y = at::vec::clamp_min(y, Vec(0.f));
+        }
+        store_f(out + base + j, y, n);
+        return bits;
+      };
+      if (len % kG == 0) {
+        uint8_t* mb = mask ? mask + base / 8 : nullptr;
+        for (int64_t j = 0; j < len; j += kG) {
+          const uint32_t bits = group(j, std::integral_constant<int, kG>{});
+          if (mb) mb[j / 8] = uint8_t(bits);
+        }
+      } else {
+        for_groups(len, [&](int64_t j, auto n) {
+          const uint32_t bits = group(j, n);
+          if (mask) bw.push(bits, n);
+        });
+      }
+    } else {
+      for (int64_t j = 0; j < len; ++j) {
+        const int64_t i = base + j, ch = kCL ? j : c;
+        acc_t y = normalize<acc_t>(acc_t(x[i]), mean[ch], scale[ch], bias[ch]);
+        if (r) y += acc_t(r[i]);
+        if (mask) {
+          bw.push(uint32_t(passes(y)), 1);
+          y = relu(y);
+        }
+        out[i] = scalar_t(y);
+      }
+    }
+  }
+  bw.flush();
+}
+
+// apply for NCHW float/half/bfloat16 over the flat range [e0, e1) (e0 a multiple of 8).
+template <typename scalar_t>
+void apply_planes(int64_t e0, int64_t e1, int64_t len, int64_t C, const scalar_t* __restrict__ x,
+                  const scalar_t* __restrict__ r, scalar_t* __restrict__ out, uint8_t* __restrict__ mask,
+                  const float* mean, const float* scale, const float* bias) {
+  PlaneWalk w(len, C, e0);
+  Vec m(mean[w.c]), sc(scale[w.c]), b(bias[w.c]);
+  for_groups(e1 - e0, [&](int64_t j, auto n) {
+    const int64_t i = e0 + j;
+    Vec gm = m, gsc = sc, gb = b, from;
+    if (w.crosses(i, from)) {
+      m = Vec(mean[w.c]), sc = Vec(scale[w.c]), b = Vec(bias[w.c]);
+      gm = Vec::blendv(gm, m, from), gsc = Vec::blendv(gsc, sc, from), gb = Vec::blendv(gb, b, from);
+    }
+    Vec y = at::vec::fmadd(load_f(x + i, n) - gm, gsc, gb);
+    if (r) y = y + load_f(r + i, n);
+    if (mask) {
+      mask[i / kG] = uint8_t(pass_bits(y) & low_bits(n));
+      y = at::vec::clamp_min(y, Vec(0.f));
+    }
+    store_f(out + i, y, n);
+  });
+}
+
 template <typename scalar_t, bool kCL>
 void apply_kernel(const Geo& g, const scalar_t* x, const scalar_t* r, scalar_t* out, uint8_t* mask,
                   const at::opmath_type<scalar_t>* mean, const at::opmath_type<scalar_t>* scale,
                   const at::opmath_type<scalar_t>* bias) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t len = g.len, C = g.C;
-  const bool whole_bytes = len % kG == 0;
-  parallel_segments(g, [=](int64_t s0, int64_t s1) {
-    BitWriter bw{mask ? mask + s0 * len / 8 : nullptr};
-    for (int64_t s = s0; s < s1; ++s) {
-      const int64_t base = s * len;
-      const int64_t c = kCL ? 0 : s % C;
-      if constexpr (vectorized<scalar_t>()) {
-        Vec m(mean[c]), sc(scale[c]), b(bias[c]);
-        // normalizes the group at base + j, stores it, returns its mask bits
-        auto group = [&](int64_t j, auto n) -> uint32_t {
-          if constexpr (kCL) {
-            m = Vec::loadu(mean + j);
-            sc = Vec::loadu(scale + j);
-            b = Vec::loadu(bias + j);
-          }
-          Vec y = at::vec::fmadd(load_f(x + base + j, n) - m, sc, b);
-          if (r) y = y + load_f(r + base + j, n);
-          uint32_t bits = 0;
-          if (mask) {
-            bits = pass_bits(y) & low_bits(n);
-            y = at::vec::clamp_min(y, Vec(0.f));
-          }
-          store_f(out + base + j, y, n);
-          return bits;
-        };
-        if (whole_bytes) {
-          uint8_t* mb = mask ? mask + base / 8 : nullptr;
-          for (int64_t j = 0; j < len; j += kG) {
-            const uint32_t bits = group(j, std::integral_constant<int, kG>{});
-            if (mb) mb[j / 8] = uint8_t(bits);
-          }
-        } else {
-          for_groups(len, [&](int64_t j, auto n) {
-            const uint32_t bits = group(j, n);
-            if (mask) bw.push(bits, n);
-          });
-        }
-      } else {
-        for (int64_t j = 0; j < len; ++j) {
-          const int64_t i = base + j, ch = kCL ? j : c;
-          acc_t y = normalize<acc_t>(acc_t(x[i]), mean[ch], scale[ch], bias[ch]);
-          if (r) y += acc_t(r[i]);
-          if (mask) {
-            bw.push(uint32_t(passes(y)), 1);
-            y = relu(y);
-          }
-          out[i] = scalar_t(y);
-        }
-      }
+  if constexpr (!kCL && vectorized<scalar_t>()) {
+    if (g.len >= kG) {
+      parallel_groups(g.numel, [&](int64_t e0, int64_t e1) {
+        apply_planes<scalar_t>(e0, e1, g.len, g.C, x, r, out, mask, mean, scale, bias);
+      });
+      return;
     }
-    bw.flush();
+  }
+  parallel_segments(g, [&](int64_t s0, int64_t s1) {
+    apply_segments<scalar_t, kCL>(s0, s1, g.len, g.C, x, r, out, mask, mean, scale, bias);
   });
 }
 
 // dx = dy' * k + (x - mean) * a + b0; grad_residual = dy'.
+template <typename scalar_t>
+void grad_planes(int64_t e0, int64_t e1, int64_t len, int64_t C, const scalar_t* __restrict__ dy,
+                 const scalar_t* __restrict__ x, const uint8_t* __restrict__ mask, scalar_t* __restrict__ dx,
+                 scalar_t* __restrict__ dr, const float* mean, const float* k, const float* a, const float* b0) {
+  PlaneWalk w(len, C, e0);
+  Vec m(mean[w.c]), vk(k[w.c]), va(a[w.c]), vb(b0[w.c]);
+  for_groups(e1 - e0, [&](int64_t j, auto n) {
+    const int64_t i = e0 + j;
+    Vec gm = m, gk = vk, ga = va, gb = vb, from;
+    if (w.crosses(i, from)) {
+      m = Vec(mean[w.c]), vk = Vec(k[w.c]), va = Vec(a[w.c]), vb = Vec(b0[w.c]);
+      gm = Vec::blendv(gm, m, from), gk = Vec::blendv(gk, vk, from);
+      ga = Vec::blendv(ga, va, from), gb = Vec::blendv(gb, vb, from);
+    }
+    Vec gv = load_f(dy + i, n);
+    if (mask) gv = masked(gv, mask[i / kG] & low_bits(n));
+    store_f(dx + i, at::vec::fmadd(load_f(x + i, n) - gm, ga, at::vec::fmadd(gv, gk, gb)), n);
+    if (dr) store_f(dr + i, gv, n);
+  });
+}
+
 template <typename scalar_t, bool kCL>
 void grad_kernel(const Geo& g, const scalar_t* dy, const scalar_t* x, const uint8_t* mask, scalar_t* dx,
                  scalar_t* dr, const at::opmath_type<scalar_t>* mean, const at::opmath_type<scalar_t>* k,
                  const at::opmath_type<scalar_t>* a, const at::opmath_type<scalar_t>* b0) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t len = g.len, C = g.C;
+  if constexpr (!kCL && vectorized<scalar_t>()) {
+    if (len >= kG) {
+      parallel_groups(g.numel, [&](int64_t e0, int64_t e1) {
+        grad_planes<scalar_t>(e0, e1, len, C, dy, x, mask, dx, dr, mean, k, a, b0);
+      });
+      return;
+    }
+  }
   parallel_segments(g, [=](int64_t s0, int64_t s1) {
     for (int64_t s = s0; s < s1; ++s) {
       const int64_t base = s * len;
