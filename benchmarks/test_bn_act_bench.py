@@ -4,7 +4,12 @@ channels_last, at ResNet shapes.
 
     pytest benchmarks/test_bn_act_bench.py --benchmark-only \
         --benchmark-group-by=param:shape,param:layout,param:mode --benchmark-columns=min,median,rounds
+
+Gradients of x and the residual are reset before each timed forward+backward, as a
+training step's are (no accumulation pass). SKIPFAST_BENCH_ROUNDS sets the rounds (15).
 """
+import os
+
 import pytest
 import torch
 
@@ -12,7 +17,7 @@ import skipfast
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(16, 64, 56, 56), (32, 256, 14, 14), (32, 512, 7, 7)]
-ROUNDS = 5
+ROUNDS = int(os.environ.get("SKIPFAST_BENCH_ROUNDS", 15))
 _compiled = {}
 
 
@@ -62,11 +67,14 @@ def test_bn_add_relu_training(benchmark, shape, layout, mode, provider):
 
         benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=1)
     elif mode == "fwd+bwd":
+        def fresh_grads():  # as in training: gradients are written, not accumulated
+            x.grad = r.grad = None
+
         def run():
             fn(x, r).backward(g)
             _sync()
 
-        benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=1)
+        benchmark.pedantic(run, setup=fresh_grads, rounds=ROUNDS, warmup_rounds=1)
     else:
         def setup():
             x.grad = r.grad = None

@@ -36,6 +36,7 @@ using Vec = at::vec::Vectorized<float>;
 constexpr int kG = 8;                   // elements per group = bits per mask byte
 constexpr int64_t kGrainElems = 32768;  // elements per parallel task, at least
 constexpr int64_t kFold = 4096;         // NCHW: elements summed in fp32 before folding into double
+constexpr int64_t kSmallPlane = 1024;   // NCHW: planes below this many elements are summed channel by channel
 constexpr int64_t kBlockElems = 8192;   // channels_last: about this many elements per fp32 partial
 
 template <typename scalar_t>
@@ -45,9 +46,18 @@ constexpr bool vectorized() {
 
 // ---- 8-lane helpers: n <= 8 valid lanes, loads zero-fill the others ----
 
+// kFirstLanes[n]: the first n lanes all-ones (a maskload mask).
+alignas(32) constexpr int32_t kFirstLanes[kG][kG] = {
+    {0, 0, 0, 0, 0, 0, 0, 0},     {-1, 0, 0, 0, 0, 0, 0, 0},     {-1, -1, 0, 0, 0, 0, 0, 0},
+    {-1, -1, -1, 0, 0, 0, 0, 0},  {-1, -1, -1, -1, 0, 0, 0, 0},  {-1, -1, -1, -1, -1, 0, 0, 0},
+    {-1, -1, -1, -1, -1, -1, 0, 0}, {-1, -1, -1, -1, -1, -1, -1, 0}};
+
 template <typename T>
 inline Vec load_f(const T* p, int n = kG) {
   if constexpr (std::is_same_v<T, float>) {
+#if defined(CPU_CAPABILITY_AVX2)
+    if (n < kG) return _mm256_maskload_ps(p, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kFirstLanes[n])));
+#endif
     return Vec::loadu(p, n);
   } else {
     Vec out;
@@ -263,10 +273,48 @@ struct GradTerms {
 
 // NCHW: each plane summed in memory order (fp32 vector partials of at most kFold
 // elements, folded into double), then the planes of each channel added up.
+// NCHW with small planes (7x7, 14x14): a horizontal sum per plane would cost as much as
+// the plane itself, so each task sums whole channels, walking a channel's N planes into
+// one set of vector accumulators (folded into double every kFold elements or so).
+template <typename scalar_t, typename Terms>
+void channel_sums_small_planes(const Geo& g, const Terms& t, const at::opmath_type<scalar_t>* center,
+                               double* out1, double* out2) {
+  const int64_t C = g.C, len = g.len, N = g.nseg / g.C;
+  at::parallel_for(0, C, std::max<int64_t>(1, kGrainElems / (N * len)), [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const Vec vc(center[c]);
+      Vec a1(0.f), a2(0.f), b1(0.f), b2(0.f);
+      double d1 = 0, d2 = 0;
+      int64_t pending = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t base = (n * C + c) * len;
+        int64_t j = 0;
+        for (; j + kG <= len; j += kG) t.group(base + j, kG, vc, a1, a2);
+        if (j < len) t.group(base + j, int(len - j), vc, b1, b2);
+        pending += len;
+        if (pending >= kFold || n + 1 == N) {
+          d1 += hsum(a1 + b1);
+          d2 += hsum(a2 + b2);
+          a1 = a2 = b1 = b2 = Vec(0.f);
+          pending = 0;
+        }
+      }
+      out1[c] = d1;
+      out2[c] = d2;
+    }
+  });
+}
+
 template <typename scalar_t, typename Terms>
 void channel_sums_nchw(const Geo& g, const Terms& t, const at::opmath_type<scalar_t>* center, double* out1,
                        double* out2) {
   using acc_t = at::opmath_type<scalar_t>;
+  if constexpr (vectorized<scalar_t>()) {
+    if (g.len < kSmallPlane) {
+      channel_sums_small_planes<scalar_t>(g, t, center, out1, out2);
+      return;
+    }
+  }
   std::vector<double> plane(2 * g.nseg);
   at::parallel_for(0, g.nseg, std::max<int64_t>(1, kGrainElems / g.len), [&](int64_t s0, int64_t s1) {
     for (int64_t s = s0; s < s1; ++s) {
