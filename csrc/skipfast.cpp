@@ -57,6 +57,9 @@ TORCH_LIBRARY(skipfast, m) {
   // ---- conv: convolution with fused bias + residual + relu epilogue ----
   m.def("conv2d_bias_act(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
         "int[2] dilation, int groups, Tensor? residual, str? activation) -> Tensor");
+  // 3x3, stride 1, padding 1 convolution by Winograd F(2x2, 3x3) (CPU, float32): u is the
+  // [16, C, K] transformed weight G g G^T; bias, residual and ReLU as conv2d_bias_act.
+  m.def("conv3x3_winograd(Tensor x, Tensor u, Tensor? bias, Tensor? residual, bool relu) -> Tensor");
 
   // ---- highway: h * t + x * (1 - t) ----
   // t = sigmoid(gate); backward recomputes t from (h, gate, x) and returns (dh, dgate, dx).

@@ -9,7 +9,7 @@ from torch import nn
 
 from skipfast.fold import FoldedConvBN, fold_bn
 from skipfast.kernels import conv as tk
-from skipfast.ops.conv import conv2d_bias_act, conv2d_bias_act_reference, prepack_weight
+from skipfast.ops.conv import Winograd, conv2d_bias_act, conv2d_bias_act_reference, prepack_weight
 
 from helpers import assert_low_precision_ok
 
@@ -64,6 +64,76 @@ def test_prepacked_weight():
     wp = prepack_weight(w, stride=kw["stride"], padding=kw["padding"], dilation=kw["dilation"], groups=1)
     with torch.no_grad():
         torch.testing.assert_close(conv2d_bias_act(x, wp, b, residual=r, **kw).double(), ref, rtol=1e-5, atol=1e-5)
+
+
+# (N, C, K, H, W): odd and even sizes, a single pixel, several tile blocks per thread
+WINOGRAD_SHAPES = [(2, 8, 16, 5, 7), (1, 16, 8, 1, 1), (3, 8, 8, 2, 9), (4, 32, 24, 17, 12)]
+
+
+@pytest.mark.parametrize("shape", WINOGRAD_SHAPES)
+@pytest.mark.parametrize("bias,residual,activation", [(True, True, "relu"), (False, False, None), (True, False, "relu")])
+def test_winograd_matches_float64(shape, bias, residual, activation):
+    """The Winograd 3x3 path against the float64 direct convolution: its error is of the
+    size of float32 direct convolution's own (both measured here, Winograd's bounded by 4x)."""
+    n, c, k, h, w = shape
+    x = torch.randn(n, c, h, w, dtype=torch.float64)
+    wt = torch.randn(k, c, 3, 3, dtype=torch.float64) / (9 * c) ** 0.5
+    b = torch.randn(k, dtype=torch.float64) if bias else None
+    r = torch.randn(n, k, h, w, dtype=torch.float64) if residual else None
+    ref = conv2d_bias_act_reference(x, wt, b, padding=1, residual=r, activation=activation)
+    f32 = [None if t is None else t.float() for t in (x, wt, b, r)]
+    x32, w32, b32, r32 = f32
+    x32 = x32.to(memory_format=torch.channels_last)
+    packed = prepack_weight(w32, stride=1, padding=1, dilation=1, groups=1)
+    assert isinstance(packed, Winograd)
+    with torch.no_grad():
+        y = conv2d_bias_act(x32, packed, b32, padding=1, residual=r32, activation=activation)
+        direct = conv2d_bias_act_reference(x32, w32, b32, padding=1, residual=r32, activation=activation)
+    assert y.shape == ref.shape and y.is_contiguous(memory_format=torch.channels_last)
+    err, direct_err = (y.double() - ref).abs().max().item(), (direct.double() - ref).abs().max().item()
+    assert err <= max(4 * direct_err, 1e-6), (err, direct_err)
+
+
+def test_winograd_takes_nchw_input_through_the_direct_path():
+    (x, w, b, r), kw, ref = _case((8, 8, 6, 6, 3, 1, 1, 1, 1))
+    packed = prepack_weight(w, **kw)
+    assert isinstance(packed, Winograd)
+    with torch.no_grad():
+        y = conv2d_bias_act(x, packed, b, residual=r, **kw)
+    assert y.is_contiguous()
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_winograd_only_where_it_applies(monkeypatch):
+    w = torch.randn(8, 8, 3, 3)
+    assert isinstance(prepack_weight(w, stride=1, padding=1, dilation=1, groups=1), Winograd)
+    for kw in (dict(stride=2, padding=1, dilation=1, groups=1), dict(stride=1, padding=2, dilation=2, groups=1),
+               dict(stride=1, padding=1, dilation=1, groups=2)):
+        assert not isinstance(prepack_weight(w if kw["groups"] == 1 else w[:, :4], **kw), Winograd), kw
+    assert not isinstance(prepack_weight(torch.randn(8, 3, 3, 3), stride=1, padding=1, dilation=1, groups=1), Winograd)
+    assert not isinstance(prepack_weight(w.double(), stride=1, padding=1, dilation=1, groups=1), Winograd)
+    monkeypatch.setenv("SKIPFAST_WINOGRAD", "0")
+    assert not isinstance(prepack_weight(w, stride=1, padding=1, dilation=1, groups=1), Winograd)
+
+
+def test_winograd_kernel_rejects_bad_input():
+    x = torch.randn(1, 8, 4, 4).to(memory_format=torch.channels_last)
+    u = Winograd(torch.randn(8, 8, 3, 3)).u
+    with pytest.raises(RuntimeError, match="u must be the float32 \\[16, 8, K\\] transformed weight"):
+        torch.ops.skipfast.conv3x3_winograd(x, u[:, :4], None, None, True)
+    with pytest.raises(RuntimeError, match="channels must be multiples of 8"):
+        torch.ops.skipfast.conv3x3_winograd(x[:, :4], Winograd(torch.randn(8, 4, 3, 3)).u, None, None, True)
+    with pytest.raises(RuntimeError, match="residual must be float32 of the output's shape"):
+        torch.ops.skipfast.conv3x3_winograd(x, u, None, torch.randn(1, 8, 4, 5), True)
+    with pytest.raises(RuntimeError, match="bias must be float32"):
+        torch.ops.skipfast.conv3x3_winograd(x, u, torch.randn(4), None, True)
+
+
+def test_winograd_opcheck():
+    x = torch.randn(2, 8, 5, 5).to(memory_format=torch.channels_last)
+    u = Winograd(torch.randn(16, 8, 3, 3)).u
+    args = (x, u, torch.randn(16), torch.randn(2, 16, 5, 5).to(memory_format=torch.channels_last), True)
+    torch.library.opcheck(torch.ops.skipfast.conv3x3_winograd.default, args, test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize("cl", [False, True])
