@@ -112,6 +112,10 @@ def test_winograd_only_where_it_applies(monkeypatch):
         assert not isinstance(prepack_weight(w if kw["groups"] == 1 else w[:, :4], **kw), Winograd), kw
     assert not isinstance(prepack_weight(torch.randn(8, 3, 3, 3), stride=1, padding=1, dilation=1, groups=1), Winograd)
     assert not isinstance(prepack_weight(w.double(), stride=1, padding=1, dilation=1, groups=1), Winograd)
+    few_tiles = [1, 8, 2 * torch.get_num_threads(), 8]  # 4 tiles per thread
+    assert not isinstance(prepack_weight(w, stride=1, padding=1, dilation=1, groups=1, input_size=few_tiles), Winograd)
+    enough = [1, 8, 2 * torch.get_num_threads(), 32]  # 16 tiles per thread
+    assert isinstance(prepack_weight(w, stride=1, padding=1, dilation=1, groups=1, input_size=enough), Winograd)
     monkeypatch.setenv("SKIPFAST_WINOGRAD", "0")
     assert not isinstance(prepack_weight(w, stride=1, padding=1, dilation=1, groups=1), Winograd)
 

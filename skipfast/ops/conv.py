@@ -115,12 +115,19 @@ class Winograd:
         self.weight = weight
 
 
-def winograd_applies(weight, *, stride, padding, dilation, groups) -> bool:
+def winograd_applies(weight, *, stride, padding, dilation, groups, input_size=None) -> bool:
     """CPU float32 3x3 convolutions with stride 1, padding 1, groups 1 and channel counts
-    that are multiples of 8 (every such convolution of ResNet-18/34 and the 3x3 ones of
-    ResNet-50+). Measured 1.15-1.65x faster than oneDNN's direct convolution on a 2-core
-    AVX2 CPU at ResNet shapes, batch 1 and 8; its rounding differs from the direct sum
-    (errors of the same size, see tests/test_conv.py). SKIPFAST_WINOGRAD=0 turns it off."""
+    that are multiples of 8 (the 3x3 stride-1 convolutions of torchvision's ResNets), with
+    at least 16 output tiles (2x2 pixels) per thread when the input size is known: with
+    fewer, each thread's GEMMs read the whole transformed weight for a few tiles and lose
+    (batch 1 at 7x7 with 512 channels: 0.4-0.5x oneDNN's direct convolution). Measured
+    1.2-2.1x faster than the direct convolution elsewhere at ResNet shapes, batch 1 and 8,
+    on a 2-core AVX2 CPU. Its rounding differs from the direct sum (errors of the same size,
+    tests/test_conv.py). SKIPFAST_WINOGRAD=0 turns it off."""
+    if input_size is not None:
+        n, _, h, w = input_size
+        if n * ((h + 1) // 2) * ((w + 1) // 2) < 16 * torch.get_num_threads():
+            return False
     return (os.environ.get("SKIPFAST_WINOGRAD", "1") != "0" and _backend.has_extension()
             and weight.device.type == "cpu" and weight.dtype == torch.float32 and tuple(weight.shape[2:]) == (3, 3)
             and weight.shape[0] % 8 == 0 and weight.shape[1] % 8 == 0 and groups == 1
@@ -133,7 +140,7 @@ def prepack_weight(weight, *, stride, padding, dilation, groups, input_size=None
     the Winograd transform where ``winograd_applies``, else oneDNN's blocked layout of a
     float32/bfloat16 weight (what torch's CPU compiler does when it freezes weights). Other
     weights are returned unchanged."""
-    if winograd_applies(weight, stride=stride, padding=padding, dilation=dilation, groups=groups):
+    if winograd_applies(weight, stride=stride, padding=padding, dilation=dilation, groups=groups, input_size=input_size):
         return Winograd(weight)
     if (weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16) or not _backend.has_extension()
             or not torch.backends.mkldnn.is_available() or not torch.backends.mkldnn.enabled):
