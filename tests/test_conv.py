@@ -263,3 +263,15 @@ def test_fold_bn_bad_inputs():
         fold_bn(conv, nn.BatchNorm2d(5))
     with pytest.raises(TypeError, match="bn must be a BatchNorm"):
         fold_bn(conv, nn.ReLU())
+
+
+def test_winograd_counts_as_the_direct_convolution_flops():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(2, 8, 6, 6).to(memory_format=torch.channels_last)
+    w = torch.randn(16, 8, 3, 3)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        packed = prepack_weight(w, stride=1, padding=1, dilation=1, groups=1)  # the transform is not counted
+        conv2d_bias_act(x, packed, None, padding=1)
+    assert isinstance(packed, Winograd)
+    assert counter.get_total_flops() == 2 * 2 * 16 * 6 * 6 * 8 * 9

