@@ -12,6 +12,7 @@ that cannot run on the device raises an error that says why.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 import warnings
@@ -60,7 +61,9 @@ def has_cuda_kernels() -> bool:
     return _C is not None and bool(_C.with_cuda)
 
 
+@functools.cache
 def has_triton() -> bool:
+    """Whether triton is installed (looked up once: select() asks on every CUDA op call)."""
     return importlib.util.find_spec("triton") is not None
 
 
