@@ -2,7 +2,11 @@
 skipfast.patch (BN folded, bias + residual + ReLU in the convolution's epilogue).
 
     pytest benchmarks/test_patch_bench.py --benchmark-only --benchmark-group-by=param:name,param:batch
+
+SKIPFAST_BENCH_ROUNDS sets the rounds at the larger batch (5; twice that at batch 1).
 """
+
+import os
 
 import pytest
 import torch
@@ -13,6 +17,7 @@ import skipfast
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BATCHES = [1, 256] if DEVICE == "cuda" else [1, 8]
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+ROUNDS = int(os.environ.get("SKIPFAST_BENCH_ROUNDS", 5))
 _compiled = {}
 
 
@@ -53,4 +58,4 @@ def test_resnet_inference(benchmark, name, batch, provider):
                 torch.cuda.synchronize()
 
         benchmark.extra_info.update(device=DEVICE, dtype=str(DTYPE))
-        benchmark.pedantic(run, rounds=5 if batch > 1 else 10, warmup_rounds=1)
+        benchmark.pedantic(run, rounds=ROUNDS if batch > 1 else 2 * ROUNDS, warmup_rounds=1)
