@@ -104,6 +104,17 @@ def test_winograd_takes_nchw_input_through_the_direct_path():
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_winograd_weight_rejects_bad_residual_like_the_direct_path():
+    x = torch.randn(1, 8, 4, 4).to(memory_format=torch.channels_last)
+    w = torch.randn(8, 8, 3, 3)
+    packed = prepack_weight(w, stride=1, padding=1, dilation=1, groups=1)
+    assert isinstance(packed, Winograd)
+    with torch.no_grad(), pytest.raises(TypeError, match="residual must have dtype torch.float32"):
+        conv2d_bias_act(x, packed, None, padding=1, residual=torch.randn(1, 8, 4, 4, dtype=torch.float64))
+    with torch.no_grad(), pytest.raises(ValueError, match="residual must have the output's shape"):
+        conv2d_bias_act(x, packed, None, padding=1, residual=torch.randn(1, 8, 4, 5))
+
+
 def test_winograd_only_where_it_applies(monkeypatch):
     w = torch.randn(8, 8, 3, 3)
     assert isinstance(prepack_weight(w, stride=1, padding=1, dilation=1, groups=1), Winograd)

@@ -85,9 +85,11 @@ def conv2d_bias_act(x, weight, bias=None, *, stride=1, padding=0, dilation=1, gr
         raise RuntimeError(f"{OP} is an inference op with no backward: call it under torch.no_grad() or "
                            "torch.inference_mode(), or use the training path (conv -> skipfast.ops.batch_norm_act)")
     if isinstance(weight, Winograd):
-        if x.is_contiguous(memory_format=torch.channels_last) and x.device.type == "cpu" and x.dtype == torch.float32:
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
+                and all(t is None or (t.device == x.device and t.dtype == x.dtype) for t in (bias, residual))
+                and (residual is None or residual.shape == (x.shape[0], weight.u.shape[2], *x.shape[2:]))):
             return torch.ops.skipfast.conv3x3_winograd(x, weight.u, bias, residual, activation == "relu")
-        weight = weight.weight  # the transform was made for channels_last float32 input
+        weight = weight.weight  # other inputs take (and are checked by) the direct path
     if weight.is_mkldnn:
         stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     else:
