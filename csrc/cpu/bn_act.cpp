@@ -5,13 +5,13 @@
 // elements: NCHW planes (segment s is channel s % C) or channels_last rows (lane j of a
 // row is channel j). A group of 8 elements is one 8-lane vector and one mask byte. The
 // elementwise passes walk NCHW in flat groups (a group may cross planes, its per-channel
-// values are then gathered per lane) and channels_last row by row (groups of a row; when
+// values are then blended lane by lane) and channels_last row by row (groups of a row; when
 // C is not a multiple of 8 the mask bits go through a sequential bit writer). Parallel
 // chunks start at multiples of 8 elements (rows: multiples of 8 rows), so every mask byte
 // has exactly one writer.
-// Reductions never loop over one channel's strided planes: NCHW sums each plane (in
-// memory order) and then adds the planes of a channel; channels_last gives each thread
-// per-channel accumulators over its own rows.
+// Reductions: NCHW sums each plane in memory order and then adds the planes of a channel
+// (planes under kSmallPlane elements: one task walks a channel's planes into one set of
+// accumulators); channels_last gives each thread per-channel accumulators over its rows.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -271,8 +271,6 @@ struct GradTerms {
   }
 };
 
-// NCHW: each plane summed in memory order (fp32 vector partials of at most kFold
-// elements, folded into double), then the planes of each channel added up.
 // NCHW with small planes (7x7, 14x14): a horizontal sum per plane would cost as much as
 // the plane itself, so each task sums whole channels, walking a channel's N planes into
 // one set of vector accumulators (folded into double every kFold elements or so).
@@ -305,6 +303,8 @@ void channel_sums_small_planes(const Geo& g, const Terms& t, const at::opmath_ty
   });
 }
 
+// NCHW: each plane summed in memory order (fp32 vector partials of at most kFold
+// elements, folded into double), then the planes of each channel added up.
 template <typename scalar_t, typename Terms>
 void channel_sums_nchw(const Geo& g, const Terms& t, const at::opmath_type<scalar_t>* center, double* out1,
                        double* out2) {
