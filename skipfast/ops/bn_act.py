@@ -412,7 +412,5 @@ def batch_norm_relu_conv2d(x, weight, bias, running_mean, running_var, conv_weig
     y, mean, var = _BnReluConv2d.apply(x, w, b, conv_weight, float(eps), pair(stride), pair(padding),
                                        pair(dilation), groups, backend)
     if running_mean is not None:
-        n = x.numel() // x.shape[1]
-        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-        running_var.mul_(1 - momentum).add_((var * (n / (n - 1))).to(running_var.dtype), alpha=momentum)
+        _update_running(running_mean, running_var, mean, var, momentum, x.numel() // x.shape[1])
     return y
