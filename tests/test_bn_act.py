@@ -205,6 +205,29 @@ def test_odd_shapes_across_parallel_chunks(shape, cl):
         assert not bits[x.numel():].any()
 
 
+@pytest.mark.parametrize("C, cl", [(64, False), (64, True), (20, True)])
+def test_large_passes_with_streaming_stores(C, cl):
+    """float32 passes that move more than 32 MiB write with streaming stores (CPU): NCHW,
+    channels_last with 32-byte aligned rows (C = 64) and with rows that are not (C = 20,
+    whose misaligned groups take ordinary stores). Output, mask and gradients against float64."""
+    torch.manual_seed(0)
+    shape = (3, C, 128, 128) if C == 64 else (3, C, 240, 240)  # 3 tensors of x's size >= 32 MiB
+    x, r = _x(shape, dtype=torch.float32, cl=cl), _x(shape, dtype=torch.float32, cl=cl)
+    w, b = (t.float() for t in _params(C))
+    y, grads, _ = _run(batch_norm_act, x, w, b, None, None, r, training=True)
+    y_ref, grads_ref, _ = _run(batch_norm_act_reference, x.double(), w.double(), b.double(), None, None,
+                               r.double(), training=True)
+    assert y.is_contiguous(memory_format=CL if cl else torch.contiguous_format)
+    assert_close_fp32(y, y_ref, rtol=1e-4, atol=1e-4)
+    for got, want in zip(grads, grads_ref):
+        assert_close_fp32(got, want, rtol=1e-4, atol=1e-4)
+    # eval: one apply pass
+    rm, rv = torch.randn(C) * 0.1, torch.rand(C) + 0.5
+    ye = batch_norm_act(x, w, b, rm, rv, training=False, residual=r)
+    ye_ref = batch_norm_act_reference(x.double(), w.double(), b.double(), rm.double(), rv.double(), training=False,
+                                      residual=r.double())
+    assert_close_fp32(ye, ye_ref, rtol=1e-5, atol=1e-5)
+
 def _sample_inputs():
     for cl in (False, True):
         for relu in (True, False):

@@ -38,6 +38,10 @@ constexpr int64_t kGrainElems = 32768;  // elements per parallel task, at least
 constexpr int64_t kFold = 4096;         // NCHW: elements summed in fp32 before folding into double
 constexpr int64_t kSmallPlane = 1024;   // NCHW: planes below this many elements are summed channel by channel
 constexpr int64_t kBlockElems = 8192;   // channels_last: about this many elements per fp32 partial
+// An elementwise pass that moves at least this many bytes (all full-size tensors it reads
+// and writes) cannot keep them in a last-level cache: it writes float outputs with
+// streaming stores, which skip reading the destination lines into the cache first.
+constexpr int64_t kStreamBytes = int64_t(32) << 20;
 
 template <typename scalar_t>
 constexpr bool vectorized() {
@@ -72,9 +76,17 @@ inline Vec load_f(const T* p, int n = kG) {
   }
 }
 
+// stream: a non-temporal store where the group is whole and 32-byte aligned (float only);
+// a pass that streams ends with end_streams().
 template <typename T>
-inline void store_f(T* p, const Vec& v, int n = kG) {
+inline void store_f(T* p, const Vec& v, int n = kG, bool stream = false) {
   if constexpr (std::is_same_v<T, float>) {
+#if defined(CPU_CAPABILITY_AVX2)
+    if (stream && n == kG && (reinterpret_cast<uintptr_t>(p) & 31) == 0) {
+      _mm256_stream_ps(p, v);
+      return;
+    }
+#endif
     v.store(p, n);
   } else {
     auto lo = at::vec::convert_from_float<T>(v, v);
@@ -86,6 +98,18 @@ inline void store_f(T* p, const Vec& v, int n = kG) {
       std::copy_n(buf, n, p);
     }
   }
+}
+
+// Orders a thread's streaming stores before whatever follows the pass.
+inline void end_streams(bool stream) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if (stream) _mm_sfence();
+#endif
+}
+
+// Whether an elementwise pass over `tensors` full-size tensors like t streams its stores.
+inline bool streams(const at::Tensor& t, int tensors) {
+  return t.scalar_type() == at::kFloat && t.numel() * int64_t(sizeof(float)) * tensors >= kStreamBytes;
 }
 
 inline uint32_t low_bits(int n) { return (1u << n) - 1u; }
@@ -453,7 +477,7 @@ void apply_segments(int64_t s0, int64_t s1, int64_t len, int64_t C, const scalar
                     const scalar_t* __restrict__ r, scalar_t* __restrict__ out, uint8_t* __restrict__ mask,
                     const at::opmath_type<scalar_t>* __restrict__ mean,
                     const at::opmath_type<scalar_t>* __restrict__ scale,
-                    const at::opmath_type<scalar_t>* __restrict__ bias) {
+                    const at::opmath_type<scalar_t>* __restrict__ bias, bool stream) {
   using acc_t = at::opmath_type<scalar_t>;
   BitWriter bw{mask ? mask + s0 * len / 8 : nullptr};
   for (int64_t s = s0; s < s1; ++s) {
@@ -476,7 +500,7 @@ void apply_segments(int64_t s0, int64_t s1, int64_t len, int64_t C, const scalar
           bits = pass_bits(y) & low_bits(n);
           y = at::vec::clamp_min(y, Vec(0.f));
         }
-        store_f(out + base + j, y, n);
+        store_f(out + base + j, y, n, stream);
         return bits;
       };
       if (len % kG == 0) {
@@ -505,13 +529,14 @@ void apply_segments(int64_t s0, int64_t s1, int64_t len, int64_t C, const scalar
     }
   }
   bw.flush();
+  end_streams(stream);
 }
 
 // apply for NCHW float/half/bfloat16 over the flat range [e0, e1) (e0 a multiple of 8).
 template <typename scalar_t>
 void apply_planes(int64_t e0, int64_t e1, int64_t len, int64_t C, const scalar_t* __restrict__ x,
                   const scalar_t* __restrict__ r, scalar_t* __restrict__ out, uint8_t* __restrict__ mask,
-                  const float* mean, const float* scale, const float* bias) {
+                  const float* mean, const float* scale, const float* bias, bool stream) {
   PlaneWalk w(len, C, e0);
   Vec m(mean[w.c]), sc(scale[w.c]), b(bias[w.c]);
   for_groups(e1 - e0, [&](int64_t j, auto n) {
@@ -527,24 +552,25 @@ void apply_planes(int64_t e0, int64_t e1, int64_t len, int64_t C, const scalar_t
       mask[i / kG] = uint8_t(pass_bits(y) & low_bits(n));
       y = at::vec::clamp_min(y, Vec(0.f));
     }
-    store_f(out + i, y, n);
+    store_f(out + i, y, n, stream);
   });
+  end_streams(stream);
 }
 
 template <typename scalar_t, bool kCL>
 void apply_kernel(const Geo& g, const scalar_t* x, const scalar_t* r, scalar_t* out, uint8_t* mask,
                   const at::opmath_type<scalar_t>* mean, const at::opmath_type<scalar_t>* scale,
-                  const at::opmath_type<scalar_t>* bias) {
+                  const at::opmath_type<scalar_t>* bias, bool stream) {
   if constexpr (!kCL && vectorized<scalar_t>()) {
     if (g.len >= kG) {
       parallel_groups(g.numel, [&](int64_t e0, int64_t e1) {
-        apply_planes<scalar_t>(e0, e1, g.len, g.C, x, r, out, mask, mean, scale, bias);
+        apply_planes<scalar_t>(e0, e1, g.len, g.C, x, r, out, mask, mean, scale, bias, stream);
       });
       return;
     }
   }
   parallel_segments(g, [&](int64_t s0, int64_t s1) {
-    apply_segments<scalar_t, kCL>(s0, s1, g.len, g.C, x, r, out, mask, mean, scale, bias);
+    apply_segments<scalar_t, kCL>(s0, s1, g.len, g.C, x, r, out, mask, mean, scale, bias, stream);
   });
 }
 
@@ -552,7 +578,8 @@ void apply_kernel(const Geo& g, const scalar_t* x, const scalar_t* r, scalar_t* 
 template <typename scalar_t>
 void grad_planes(int64_t e0, int64_t e1, int64_t len, int64_t C, const scalar_t* __restrict__ dy,
                  const scalar_t* __restrict__ x, const uint8_t* __restrict__ mask, scalar_t* __restrict__ dx,
-                 scalar_t* __restrict__ dr, const float* mean, const float* k, const float* a, const float* b0) {
+                 scalar_t* __restrict__ dr, const float* mean, const float* k, const float* a, const float* b0,
+                 bool stream) {
   PlaneWalk w(len, C, e0);
   Vec m(mean[w.c]), vk(k[w.c]), va(a[w.c]), vb(b0[w.c]);
   for_groups(e1 - e0, [&](int64_t j, auto n) {
@@ -565,54 +592,65 @@ void grad_planes(int64_t e0, int64_t e1, int64_t len, int64_t C, const scalar_t*
     }
     Vec gv = load_f(dy + i, n);
     if (mask) gv = masked(gv, mask[i / kG] & low_bits(n));
-    store_f(dx + i, at::vec::fmadd(load_f(x + i, n) - gm, ga, at::vec::fmadd(gv, gk, gb)), n);
-    if (dr) store_f(dr + i, gv, n);
+    store_f(dx + i, at::vec::fmadd(load_f(x + i, n) - gm, ga, at::vec::fmadd(gv, gk, gb)), n, stream);
+    if (dr) store_f(dr + i, gv, n, stream);
   });
+  end_streams(stream);
+}
+
+// grad_planes over segments [s0, s1): channels_last rows, or NCHW planes of any length.
+template <typename scalar_t, bool kCL>
+void grad_segments(int64_t s0, int64_t s1, int64_t len, int64_t C, const scalar_t* __restrict__ dy,
+                   const scalar_t* __restrict__ x, const uint8_t* __restrict__ mask, scalar_t* __restrict__ dx,
+                   scalar_t* __restrict__ dr, const at::opmath_type<scalar_t>* __restrict__ mean,
+                   const at::opmath_type<scalar_t>* __restrict__ k, const at::opmath_type<scalar_t>* __restrict__ a,
+                   const at::opmath_type<scalar_t>* __restrict__ b0, bool stream) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t s = s0; s < s1; ++s) {
+    const int64_t base = s * len;
+    const int64_t c = kCL ? 0 : s % C;
+    if constexpr (vectorized<scalar_t>()) {
+      Vec m(mean[c]), vk(k[c]), va(a[c]), vb(b0[c]);
+      for_groups(len, [&](int64_t j, auto n) {
+        const int64_t i = base + j;
+        if constexpr (kCL) {
+          m = Vec::loadu(mean + j);
+          vk = Vec::loadu(k + j);
+          va = Vec::loadu(a + j);
+          vb = Vec::loadu(b0 + j);
+        }
+        Vec gv = load_f(dy + i, n);
+        if (mask) gv = masked(gv, read_bits(mask, i, n));
+        store_f(dx + i, at::vec::fmadd(load_f(x + i, n) - m, va, at::vec::fmadd(gv, vk, vb)), n, stream);
+        if (dr) store_f(dr + i, gv, n, stream);
+      });
+    } else {
+      for (int64_t j = 0; j < len; ++j) {
+        const int64_t i = base + j, ch = kCL ? j : c;
+        const acc_t gv = (mask == nullptr || mask_bit(mask, i)) ? acc_t(dy[i]) : acc_t(0);
+        const BackwardCoefs<acc_t> co{k[ch], a[ch], b0[ch]};
+        dx[i] = scalar_t(grad_input<acc_t>(gv, acc_t(x[i]), mean[ch], co));
+        if (dr) dr[i] = scalar_t(gv);
+      }
+    }
+  }
+  end_streams(stream);
 }
 
 template <typename scalar_t, bool kCL>
 void grad_kernel(const Geo& g, const scalar_t* dy, const scalar_t* x, const uint8_t* mask, scalar_t* dx,
                  scalar_t* dr, const at::opmath_type<scalar_t>* mean, const at::opmath_type<scalar_t>* k,
-                 const at::opmath_type<scalar_t>* a, const at::opmath_type<scalar_t>* b0) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t len = g.len, C = g.C;
+                 const at::opmath_type<scalar_t>* a, const at::opmath_type<scalar_t>* b0, bool stream) {
   if constexpr (!kCL && vectorized<scalar_t>()) {
-    if (len >= kG) {
+    if (g.len >= kG) {
       parallel_groups(g.numel, [&](int64_t e0, int64_t e1) {
-        grad_planes<scalar_t>(e0, e1, len, C, dy, x, mask, dx, dr, mean, k, a, b0);
+        grad_planes<scalar_t>(e0, e1, g.len, g.C, dy, x, mask, dx, dr, mean, k, a, b0, stream);
       });
       return;
     }
   }
-  parallel_segments(g, [=](int64_t s0, int64_t s1) {
-    for (int64_t s = s0; s < s1; ++s) {
-      const int64_t base = s * len;
-      const int64_t c = kCL ? 0 : s % C;
-      if constexpr (vectorized<scalar_t>()) {
-        Vec m(mean[c]), vk(k[c]), va(a[c]), vb(b0[c]);
-        for_groups(len, [&](int64_t j, auto n) {
-          const int64_t i = base + j;
-          if constexpr (kCL) {
-            m = Vec::loadu(mean + j);
-            vk = Vec::loadu(k + j);
-            va = Vec::loadu(a + j);
-            vb = Vec::loadu(b0 + j);
-          }
-          Vec gv = load_f(dy + i, n);
-          if (mask) gv = masked(gv, read_bits(mask, i, n));
-          store_f(dx + i, at::vec::fmadd(load_f(x + i, n) - m, va, at::vec::fmadd(gv, vk, vb)), n);
-          if (dr) store_f(dr + i, gv, n);
-        });
-      } else {
-        for (int64_t j = 0; j < len; ++j) {
-          const int64_t i = base + j, ch = kCL ? j : c;
-          const acc_t gv = (mask == nullptr || mask_bit(mask, i)) ? acc_t(dy[i]) : acc_t(0);
-          const BackwardCoefs<acc_t> co{k[ch], a[ch], b0[ch]};
-          dx[i] = scalar_t(grad_input<acc_t>(gv, acc_t(x[i]), mean[ch], co));
-          if (dr) dr[i] = scalar_t(gv);
-        }
-      }
-    }
+  parallel_segments(g, [&](int64_t s0, int64_t s1) {
+    grad_segments<scalar_t, kCL>(s0, s1, g.len, g.C, dy, x, mask, dx, dr, mean, k, a, b0, stream);
   });
 }
 
@@ -635,11 +673,12 @@ void apply_impl(const at::Tensor& xc, const at::Tensor& mean, const at::Tensor& 
       scale[c] = scale_of<acc_t>(w, c, ic.const_data_ptr<acc_t>()[c]);
       shift[c] = bias_of<acc_t>(b, c);
     }
+    const bool stream = streams(xc, rc.defined() ? 3 : 2);
     auto run = [&](auto cl) {
       apply_kernel<scalar_t, decltype(cl)::value>(g, xc.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(rc),
                                                   out.mutable_data_ptr<scalar_t>(),
                                                   mask.numel() ? mask.mutable_data_ptr<uint8_t>() : nullptr,
-                                                  m.data(), scale.data(), shift.data());
+                                                  m.data(), scale.data(), shift.data(), stream);
     };
     g.cl ? run(std::true_type{}) : run(std::false_type{});
   });
@@ -776,11 +815,12 @@ std::tuple<at::Tensor, at::Tensor> backward_elemt_cpu(const at::Tensor& grad_out
       a[c] = co.a;
       b0[c] = co.b0;
     }
+    const bool stream = streams(xc, grad_residual ? 4 : 3);
     auto run = [&](auto cl) {
       grad_kernel<scalar_t, decltype(cl)::value>(g, gc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(),
                                                  ptr_or_null<uint8_t>(mkc), dx.mutable_data_ptr<scalar_t>(),
                                                  grad_residual ? dr.mutable_data_ptr<scalar_t>() : nullptr, m.data(),
-                                                 k.data(), a.data(), b0.data());
+                                                 k.data(), a.data(), b0.data(), stream);
     };
     g.cl ? run(std::true_type{}) : run(std::false_type{});
   });
