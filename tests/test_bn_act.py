@@ -113,10 +113,11 @@ def test_apply_gradcheck_for_statistics():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("cl", [False, True])
-def test_low_precision(dtype, cl):
-    shape = (4, 12, 6, 6)
+@pytest.mark.parametrize("C", [12, 40])
+def test_low_precision(dtype, cl, C):
+    shape = (4, C, 6, 6)
     x, r = _x(shape, cl=cl), _x(shape, cl=cl)
-    w, b = _params(12)
+    w, b = _params(C)
     y_ref, grads_ref, g = _run(batch_norm_act_reference, x, w, b, None, None, r, training=True)
     lo = lambda t: t.to(dtype)  # noqa: E731
     w32, b32 = w.float(), b.float()  # mixed precision: fp32 parameters, low-precision activations
@@ -179,12 +180,13 @@ def test_mask_is_bit_packed():
         assert no_mask.numel() == 0
 
 
-@pytest.mark.parametrize("shape", [(6, 3, 61, 61), (5, 13, 2, 3), (40, 11, 1, 1), (4, 20, 25, 25)])
+@pytest.mark.parametrize("shape", [(6, 3, 61, 61), (5, 13, 2, 3), (40, 11, 1, 1), (4, 20, 25, 25), (3, 40, 29, 31)])
 @pytest.mark.parametrize("cl", [False, True])
 def test_odd_shapes_across_parallel_chunks(shape, cl):
     """Shapes whose planes (NCHW) or rows (channels_last) are not multiples of 8 elements
     (mask bits at every offset, partial vector groups) and, for the larger ones, several
-    parallel chunks: the mask bits, output and gradients against float64, fp32 and fp64."""
+    parallel chunks: the mask bits, output and gradients against float64, fp32 and fp64.
+    C = 40 channels_last: reductions in tiles of 32 + 8 channels over row blocks."""
     torch.manual_seed(0)
     for dtype in (torch.float32, torch.float64):
         x, r = _x(shape, dtype=dtype, cl=cl), _x(shape, dtype=dtype, cl=cl)

@@ -38,6 +38,7 @@ constexpr int64_t kGrainElems = 32768;  // elements per parallel task, at least
 constexpr int64_t kFold = 4096;         // NCHW: elements summed in fp32 before folding into double
 constexpr int64_t kSmallPlane = 1024;   // NCHW: planes below this many elements are summed channel by channel
 constexpr int64_t kBlockElems = 8192;   // channels_last: about this many elements per fp32 partial
+constexpr int64_t kTileElems = 2048;    // channels_last: elements of a tile's rows (8 KB of float)
 // An elementwise pass that moves at least this many bytes (all full-size tensors it reads
 // and writes) cannot keep them in a last-level cache: it writes float outputs with
 // streaming stores, which skip reading the destination lines into the cache first.
@@ -377,10 +378,33 @@ void channel_sums_nchw(const Geo& g, const Terms& t, const at::opmath_type<scala
   }
 }
 
-// channels_last: each thread sums its own rows, in memory order, into per-channel fp32
-// accumulators, folded into per-thread double arrays after each block of rows; the
-// threads' arrays are added at the end. (Interleaving several rows per accumulator load
-// measured slower: it breaks the sequential stream.)
+// channels_last, C a multiple of 8: adds rows [rb, re) of the kN channel groups from
+// channel j0 on into the fp32 partials acc1/acc2, their kN accumulator pairs in registers
+// across the rows (rows of a tile are few enough to stay in L1 from one tile to the next).
+template <int kN, typename Terms>
+inline void tile_rows(const Terms& t, int64_t C, int64_t rb, int64_t re, int64_t j0, const float* center,
+                      float* acc1, float* acc2) {
+  Vec a1[kN], a2[kN], ctr[kN];
+  for (int u = 0; u < kN; ++u) {
+    a1[u] = Vec::loadu(acc1 + j0 + u * kG);
+    a2[u] = Vec::loadu(acc2 + j0 + u * kG);
+    ctr[u] = Vec::loadu(center + j0 + u * kG);
+  }
+  for (int64_t r = rb; r < re; ++r) {
+    const int64_t i = r * C + j0;
+    for (int u = 0; u < kN; ++u) t.group(i + u * kG, kG, ctr[u], a1[u], a2[u]);
+  }
+  for (int u = 0; u < kN; ++u) {
+    a1[u].store(acc1 + j0 + u * kG);
+    a2[u].store(acc2 + j0 + u * kG);
+  }
+}
+
+// channels_last: each thread sums its own rows into per-channel fp32 accumulators, folded
+// into per-thread double arrays after each block of rows; the threads' arrays are added at
+// the end. With C a multiple of 8 a block is walked in tiles (tile_rows: 8 KB worth of
+// rows, up to 32 channels at a time, accumulators in registers); otherwise row by row, the
+// accumulators loaded and stored per group.
 template <typename scalar_t, typename Terms>
 void channel_sums_cl(const Geo& g, const Terms& t, const at::opmath_type<scalar_t>* center, double* out1,
                      double* out2) {
@@ -398,13 +422,28 @@ void channel_sums_cl(const Geo& g, const Terms& t, const at::opmath_type<scalar_
       std::fill(acc1.begin(), acc1.end(), acc_t(0));
       std::fill(acc2.begin(), acc2.end(), acc_t(0));
       if constexpr (vectorized<scalar_t>()) {
-        for (int64_t r = rb; r < re; ++r) {
-          for_groups(C, [&](int64_t j, auto n) {
-            Vec a1 = Vec::loadu(acc1.data() + j), a2 = Vec::loadu(acc2.data() + j);
-            t.group(r * C + j, n, Vec::loadu(center + j), a1, a2);
-            a1.store(acc1.data() + j);
-            a2.store(acc2.data() + j);
-          });
+        if (C % kG == 0) {
+          const int64_t R = std::max<int64_t>(1, kTileElems / C);
+          for (int64_t rt = rb; rt < re; rt += R) {
+            const int64_t rte = std::min(re, rt + R);
+            int64_t j0 = 0;
+            for (; j0 + 4 * kG <= C; j0 += 4 * kG) tile_rows<4>(t, C, rt, rte, j0, center, acc1.data(), acc2.data());
+            switch ((C - j0) / kG) {
+              case 3: tile_rows<3>(t, C, rt, rte, j0, center, acc1.data(), acc2.data()); break;
+              case 2: tile_rows<2>(t, C, rt, rte, j0, center, acc1.data(), acc2.data()); break;
+              case 1: tile_rows<1>(t, C, rt, rte, j0, center, acc1.data(), acc2.data()); break;
+              default: break;
+            }
+          }
+        } else {
+          for (int64_t r = rb; r < re; ++r) {
+            for_groups(C, [&](int64_t j, auto n) {
+              Vec a1 = Vec::loadu(acc1.data() + j), a2 = Vec::loadu(acc2.data() + j);
+              t.group(r * C + j, n, Vec::loadu(center + j), a1, a2);
+              a1.store(acc1.data() + j);
+              a2.store(acc2.data() + j);
+            });
+          }
         }
       } else {
         for (int64_t r = rb; r < re; ++r)
