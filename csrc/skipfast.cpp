@@ -42,6 +42,10 @@ TORCH_LIBRARY(skipfast, m) {
   // Training forward in one call: stats, then apply.
   m.def("bn_act_train(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, float eps, bool relu) "
         "-> (Tensor out, Tensor mean, Tensor var, Tensor invstd, Tensor mask)");
+  // Eager-mode training in one call (csrc/bn_act_eager.cpp): bn_act_train with its autograd
+  // node, then the in-place running-statistics update. Not traced by torch.compile.
+  m.def("bn_act_train_eager(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, Tensor(a!)? running_mean, "
+        "Tensor(b!)? running_var, float momentum, float eps, bool relu) -> Tensor");
 
   // ---- dense: concat-free dense blocks ----
   // conv1x1(relu(x * scale + shift), weight): x may be a channel prefix of a channels_last

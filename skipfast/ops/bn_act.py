@@ -150,6 +150,10 @@ def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps
     w = weight if weight is None or weight.dtype == sd else weight.to(sd)
     b = bias if bias is None or bias.dtype == sd else bias.to(sd)
     if training:
+        if _eager_cpp(backend) and w is weight and b is bias:
+            # kernel, autograd node and running-statistics update in one C++ call
+            return torch.ops.skipfast.bn_act_train_eager(x, w, b, residual, running_mean, running_var,
+                                                         float(momentum), float(eps), relu)
         if not _eager_cpp(backend):
             out, mean, var, _invstd, _mask = ops.train(x, w, b, residual, float(eps), relu)
         elif torch.is_grad_enabled() and torch._C._any_requires_grad(x, w, b, residual):
