@@ -324,6 +324,61 @@ def test_module_matches_bn_relu_add_with_residual():
     assert "activation='relu'" in repr(mod)
 
 
+@pytest.mark.parametrize("wants", [(True, False, False), (False, True, False), (False, False, True),
+                                   (True, True, True)])
+@pytest.mark.parametrize("relu", [True, False])
+def test_eager_training_op_gradients_for_any_subset_of_inputs(wants, relu):
+    """The eager training op's C++ autograd node: gradients of exactly the inputs that want
+    one (x, residual, the affine parameters), against float64, and the running statistics
+    updated in place (version counters bumped, as torch's in-place update does)."""
+    torch.manual_seed(0)
+    want_x, want_r, want_p = wants
+    x, r = _x((3, 8, 5, 5)), _x((3, 8, 5, 5))
+    ref = torch.nn.BatchNorm2d(8).double()
+    mod = skipfast.BatchNormAct2d(8, activation="relu" if relu else None)
+    ref.weight.data.uniform_(0.5, 1.5), ref.bias.data.normal_()
+    mod.load_state_dict(ref.float().state_dict()), ref.double()
+    for p in (*ref.parameters(), *mod.parameters()):
+        p.requires_grad_(want_p)
+    xs = [x.clone().requires_grad_(want_x), x.float().requires_grad_(want_x)]
+    rs = [r.clone().requires_grad_(want_r), r.float().requires_grad_(want_r)]
+    version = mod.running_mean._version
+    y_ref = ref(xs[0]) + rs[0]
+    y_ref = torch.relu(y_ref) if relu else y_ref
+    y = mod(xs[1], rs[1])
+    assert mod.running_mean._version > version
+    assert_close_fp32(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mod.running_var.double(), ref.running_var, rtol=1e-6, atol=1e-7)
+    g = torch.randn(y.shape, dtype=torch.float64)
+    y_ref.backward(g), y.backward(g.float())
+    for got, want in ((xs[1].grad, xs[0].grad), (rs[1].grad, rs[0].grad), (mod.weight.grad, ref.weight.grad),
+                      (mod.bias.grad, ref.bias.grad)):
+        assert (got is None) == (want is None)
+        if want is not None:
+            assert_close_fp32(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_half_module_trains_through_converted_parameters():
+    """A module in float16 (parameters and running statistics too): the op takes float32
+    copies of weight and bias, whose gradients flow back to the float16 parameters."""
+    torch.manual_seed(0)
+    x, r = _x((4, 8, 6, 6)), _x((4, 8, 6, 6))
+    ref = torch.nn.BatchNorm2d(8).double()
+    mod = skipfast.BatchNormAct2d(8).half()
+    xh, rh = x.half().requires_grad_(), r.half()
+    x64 = x.half().double().requires_grad_()
+    y, y_ref = mod(xh, rh), torch.relu(ref(x64) + rh.double())
+    assert y.dtype == torch.float16 and mod.running_mean.dtype == torch.float16
+    g = torch.randn(y.shape, dtype=torch.float64)
+    y.backward(g.half()), y_ref.backward(g)
+    tol = dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(y.double(), y_ref, **tol)
+    torch.testing.assert_close(xh.grad.double(), x64.grad, **tol)
+    assert mod.weight.grad.dtype == torch.float16
+    torch.testing.assert_close(mod.weight.grad.double(), ref.weight.grad, **tol)
+    torch.testing.assert_close(mod.running_var.double(), ref.running_var, **tol)
+
+
 def test_autocast_residual_block():
     block = skipfast.ResidualBlock(8)
     import torchvision

@@ -34,9 +34,12 @@ invstd and the mask (nothing else full-size); its backward is backward_reduce th
 backward_elemt. ``bn_act_apply`` (eval, or a sync BN's apply) has its own backward with
 gradients for x, residual, weight, bias, mean and invstd. Running statistics are updated
 here in Python with in-place torch ops (traceable by torch.compile), after validation.
-In eager mode the C++ backend skips torch.library's generated Python wrapper: training
-goes through ``_Train`` (same saved tensors, same backward) and calls without a graph to
-record go straight to the kernel; under torch.compile the registered ops are traced.
+In eager mode the C++ backend skips these Python layers (about 100 us of host time a call,
+as much as the kernels of a 7x7 ResNet stage): training is one call of
+``bn_act_train_eager`` (csrc/bn_act_eager.cpp: the kernel, a C++ autograd node with the
+same saved tensors and backward phases, the running-statistics update), and eval calls
+without a graph to record go straight to the kernel. torch.compile traces the registered
+ops.
 """
 from __future__ import annotations
 
@@ -150,17 +153,11 @@ def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps
     w = weight if weight is None or weight.dtype == sd else weight.to(sd)
     b = bias if bias is None or bias.dtype == sd else bias.to(sd)
     if training:
-        if _eager_cpp(backend) and w is weight and b is bias:
+        if _eager_cpp(backend):
             # kernel, autograd node and running-statistics update in one C++ call
             return torch.ops.skipfast.bn_act_train_eager(x, w, b, residual, running_mean, running_var,
                                                          float(momentum), float(eps), relu)
-        if not _eager_cpp(backend):
-            out, mean, var, _invstd, _mask = ops.train(x, w, b, residual, float(eps), relu)
-        elif torch.is_grad_enabled() and torch._C._any_requires_grad(x, w, b, residual):
-            out, mean, var, _invstd, _mask = _Train.apply(x, w, b, residual, float(eps), relu, ops)
-        else:
-            with torch._C._AutoDispatchBelowAutograd():  # no graph to record: straight to the kernel
-                out, mean, var, _invstd, _mask = ops.train(x, w, b, residual, float(eps), relu)
+        out, mean, var, _invstd, _mask = ops.train(x, w, b, residual, float(eps), relu)
         if running_mean is not None:
             _update_running(running_mean, running_var, mean, var, momentum, x.numel() // x.shape[1])
         return out
@@ -173,8 +170,8 @@ def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps
 
 
 def _eager_cpp(backend):
-    """The C++ ops may be called below autograd / through ``_Train``: plain eager mode (not
-    traced by torch.compile, no torch.func transform, which take the registered ops)."""
+    """The C++ ops may be called below autograd / through ``bn_act_train_eager``: plain eager
+    mode (not traced by torch.compile, no torch.func transform, which take the registered ops)."""
     return (backend == "cpp" and not torch.compiler.is_compiling()
             and not torch._C._are_functorch_transforms_active())
 
@@ -220,25 +217,6 @@ def _make_train_backward(ops):
         return (*_train_grads(ctx, ops, grad_out), None, None)
 
     return backward
-
-
-class _Train(torch.autograd.Function):
-    """Eager-mode autograd of the C++ bn_act_train: the same saved tensors and backward as
-    the registered autograd (which torch.compile traces), without the per-call Python
-    layers of torch.library's generated wrapper (about 50 us a call, comparable to the
-    kernels at small shapes). The op runs below autograd, straight to its kernel."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, residual, eps, relu, ops):
-        with torch._C._AutoDispatchBelowAutograd():
-            output = ops.train(x, weight, bias, residual, eps, relu)
-        _train_setup_context(ctx, (x, weight, bias, residual, eps, relu), output)
-        ctx.ops = ops
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_out, *_):
-        return (*_train_grads(ctx, ctx.ops, grad_out), None, None, None)
 
 
 def _apply_setup_context(ctx, inputs, output):
