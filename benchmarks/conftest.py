@@ -14,9 +14,13 @@ On CPU the shapes are the --quick ones and torch.compile runs only for the eleme
 cases (compiling a block's training graph takes ~40 s on 2 cores); SKIPFAST_BENCH_COMPILE=1
 adds it everywhere. On CUDA: the full shapes, every provider (max-autotune included),
 and each timed round ends with a synchronize. SKIPFAST_BENCH_ROUNDS sets the rounds.
+
+On CPU the heap is kept in a steady state (see ``_steady_heap``);
+SKIPFAST_BENCH_MALLOC=default leaves glibc's allocator settings as they are.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 
 import torch
@@ -29,6 +33,29 @@ import pytest  # noqa: E402
 from skipfast.bench import cases, core  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _steady_heap() -> None:
+    """glibc gives freed pages at the top of its heap back to the OS once they exceed a
+    (moving) trim threshold, and the next round faults every page in again. At ResNet
+    activation sizes that can be ~1000 page faults a round, each several microseconds in a
+    VM, present or absent depending on which provider ran before: the same code measured
+    up to 2x apart. The CPU benchmarks keep freed pages (M_TRIM_THRESHOLD) and take
+    allocations up to 32 MiB from the heap (M_MMAP_THRESHOLD), for every provider alike,
+    as jemalloc or tcmalloc (recommended by PyTorch's CPU performance guide) reuse freed
+    memory. Benchmark processes only; skipfast itself never changes allocator settings."""
+    if DEVICE.type != "cpu" or os.environ.get("SKIPFAST_BENCH_MALLOC") == "default":
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+        libc.mallopt(m_trim_threshold, 2**31 - 1)
+        libc.mallopt(m_mmap_threshold, 32 << 20)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+_steady_heap()
 CASES = {c.name: c for c in cases.standard_cases("cuda" if DEVICE.type == "cuda" else "quick")}
 PROVIDERS = core.standard_providers(DEVICE)
 ROUNDS = int(os.environ.get("SKIPFAST_BENCH_ROUNDS", 20 if DEVICE.type == "cuda" else 5))

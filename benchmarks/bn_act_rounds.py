@@ -1,0 +1,91 @@
+"""The residual-tail benchmark of test_bn_act_bench.py, interleaved: every round times
+eager, torch.compile and skipfast in turn on each (shape, layout, mode), so a slow phase
+of a shared machine falls on all three alike (pytest-benchmark times each provider's
+rounds back to back). Same modules, inputs, correctness check and modes (fwd, fwd+bwd).
+
+    python benchmarks/bn_act_rounds.py [--rounds 30] [--json out.json]
+
+Prints a markdown table of medians (ms) and ratios. The heap is held in the steady state
+of benchmarks/conftest.py (SKIPFAST_BENCH_MALLOC=default leaves glibc's settings).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+import conftest  # noqa: F401  (heap settings)
+from test_bn_act_bench import DEVICE, SHAPES, _sync, _tail
+
+PROVIDERS = ("eager", "compile", "skipfast")
+MODES = ("fwd", "fwd+bwd")
+
+
+def _case(shape, layout, mode):
+    """(provider -> (setup, run)) for one case, each checked against eager first."""
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    torch.manual_seed(0)
+    x = torch.randn(shape, device=DEVICE).contiguous(memory_format=fmt).requires_grad_(mode != "fwd")
+    r = torch.randn(shape, device=DEVICE).contiguous(memory_format=fmt).requires_grad_(mode != "fwd")
+    g = torch.randn(shape, device=DEVICE).contiguous(memory_format=fmt)
+    ref = torch.relu(torch.nn.functional.batch_norm(x.detach(), None, None, training=True) + r.detach())
+    runs = {}
+    for p in PROVIDERS:
+        fn = _tail(p, shape[1], layout, mode)
+        torch.testing.assert_close(fn(x, r).detach(), ref, rtol=1e-4, atol=1e-4)
+
+        def fresh():
+            x.grad = r.grad = None
+
+        if mode == "fwd":
+            def run(fn=fn):
+                with torch.no_grad():
+                    fn(x, r)
+                _sync()
+        else:
+            def run(fn=fn):
+                fn(x, r).backward(g)
+                _sync()
+        runs[p] = (fresh, run)
+    return runs
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--json", help="write the per-round times (ms) here")
+    args = ap.parse_args(argv)
+    results = []
+    cases = [(s, lay, m) for s in SHAPES for lay in ("nchw", "channels_last") for m in MODES]
+    for i, (shape, layout, mode) in enumerate(cases, 1):
+        runs = _case(shape, layout, mode)
+        times = {p: [] for p in PROVIDERS}
+        for k in range(args.rounds + 1):  # round 0 warms up
+            for p, (setup, run) in runs.items():
+                setup()
+                t0 = time.perf_counter()
+                run()
+                if k:
+                    times[p].append((time.perf_counter() - t0) * 1e3)
+        med = {p: statistics.median(v) for p, v in times.items()}
+        results.append(dict(shape=list(shape), layout=layout, mode=mode, rounds=args.rounds, median_ms=med,
+                            times_ms=times, threads=torch.get_num_threads(), device=str(DEVICE)))
+        print(f"[{i}/{len(cases)}] {shape} {layout} {mode}: " +
+              ", ".join(f"{p} {med[p]:.3f}" for p in PROVIDERS), flush=True)
+    print("\n| shape | layout | mode | eager | compile | skipfast | vs eager | vs compile |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for r in results:
+        m = r["median_ms"]
+        print(f"| {'x'.join(map(str, r['shape']))} | {r['layout']} | {r['mode']} | {m['eager']:.2f} | "
+              f"{m['compile']:.2f} | {m['skipfast']:.2f} | {m['eager'] / m['skipfast']:.2f}x | "
+              f"{m['compile'] / m['skipfast']:.2f}x |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
