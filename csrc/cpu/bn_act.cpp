@@ -245,6 +245,16 @@ inline void for_groups(int64_t len, B&& body) {
   if (j < len) body(j, int(len - j));
 }
 
+// Calls f(A, B, S) with std::bool_constant values of a, b, s: the optional parts of an
+// elementwise pass (residual / gradient outputs, mask, streaming stores) become template
+// flags of its loop instead of tests in every group.
+template <typename F>
+void with_flags(bool a, bool b, bool s, F&& f) {
+  auto last = [&](auto A, auto B) { s ? f(A, B, std::true_type{}) : f(A, B, std::false_type{}); };
+  auto middle = [&](auto A) { b ? last(A, std::true_type{}) : last(A, std::false_type{}); };
+  a ? middle(std::true_type{}) : middle(std::false_type{});
+}
+
 // Per-channel values in a buffer padded to a multiple of 8 (zeros), so that channels_last
 // groups load them as whole vectors.
 template <typename T>
@@ -572,10 +582,10 @@ void apply_segments(int64_t s0, int64_t s1, int64_t len, int64_t C, const scalar
 }
 
 // apply for NCHW float/half/bfloat16 over the flat range [e0, e1) (e0 a multiple of 8).
-template <typename scalar_t>
+template <typename scalar_t, bool kRes, bool kMask, bool kStream>
 void apply_planes(int64_t e0, int64_t e1, int64_t len, int64_t C, const scalar_t* __restrict__ x,
                   const scalar_t* __restrict__ r, scalar_t* __restrict__ out, uint8_t* __restrict__ mask,
-                  const float* mean, const float* scale, const float* bias, bool stream) {
+                  const float* mean, const float* scale, const float* bias) {
   PlaneWalk w(len, C, e0);
   Vec m(mean[w.c]), sc(scale[w.c]), b(bias[w.c]);
   for_groups(e1 - e0, [&](int64_t j, auto n) {
@@ -586,24 +596,54 @@ void apply_planes(int64_t e0, int64_t e1, int64_t len, int64_t C, const scalar_t
       gm = Vec::blendv(gm, m, from), gsc = Vec::blendv(gsc, sc, from), gb = Vec::blendv(gb, b, from);
     }
     Vec y = at::vec::fmadd(load_f(x + i, n) - gm, gsc, gb);
-    if (r) y = y + load_f(r + i, n);
-    if (mask) {
+    if constexpr (kRes) y = y + load_f(r + i, n);
+    if constexpr (kMask) {
       mask[i / kG] = uint8_t(pass_bits(y) & low_bits(n));
       y = at::vec::clamp_min(y, Vec(0.f));
     }
-    store_f(out + i, y, n, stream);
+    store_f(out + i, y, n, kStream);
   });
-  end_streams(stream);
+  end_streams(kStream);
+}
+
+// apply for channels_last rows [s0, s1) of C channels, C a multiple of 8: whole groups,
+// whole mask bytes.
+template <typename scalar_t, bool kRes, bool kMask, bool kStream>
+void apply_rows(int64_t s0, int64_t s1, int64_t C, const scalar_t* __restrict__ x, const scalar_t* __restrict__ r,
+                scalar_t* __restrict__ out, uint8_t* __restrict__ mask, const float* __restrict__ mean,
+                const float* __restrict__ scale, const float* __restrict__ bias) {
+  for (int64_t base = s0 * C; base < s1 * C; base += C) {
+    for (int64_t j = 0; j < C; j += kG) {
+      const int64_t i = base + j;
+      Vec y = at::vec::fmadd(load_f(x + i) - Vec::loadu(mean + j), Vec::loadu(scale + j), Vec::loadu(bias + j));
+      if constexpr (kRes) y = y + load_f(r + i);
+      if constexpr (kMask) {
+        mask[i / kG] = uint8_t(pass_bits(y));
+        y = at::vec::clamp_min(y, Vec(0.f));
+      }
+      store_f(out + i, y, kG, kStream);
+    }
+  }
+  end_streams(kStream);
 }
 
 template <typename scalar_t, bool kCL>
 void apply_kernel(const Geo& g, const scalar_t* x, const scalar_t* r, scalar_t* out, uint8_t* mask,
                   const at::opmath_type<scalar_t>* mean, const at::opmath_type<scalar_t>* scale,
                   const at::opmath_type<scalar_t>* bias, bool stream) {
-  if constexpr (!kCL && vectorized<scalar_t>()) {
-    if (g.len >= kG) {
-      parallel_groups(g.numel, [&](int64_t e0, int64_t e1) {
-        apply_planes<scalar_t>(e0, e1, g.len, g.C, x, r, out, mask, mean, scale, bias, stream);
+  if constexpr (vectorized<scalar_t>()) {
+    if (kCL ? g.C % kG == 0 : g.len >= kG) {
+      with_flags(r != nullptr, mask != nullptr, stream, [&](auto kRes, auto kMask, auto kStream) {
+        constexpr bool res = decltype(kRes)::value, msk = decltype(kMask)::value, st = decltype(kStream)::value;
+        if constexpr (kCL) {
+          parallel_segments(g, [&](int64_t s0, int64_t s1) {
+            apply_rows<scalar_t, res, msk, st>(s0, s1, g.C, x, r, out, mask, mean, scale, bias);
+          });
+        } else {
+          parallel_groups(g.numel, [&](int64_t e0, int64_t e1) {
+            apply_planes<scalar_t, res, msk, st>(e0, e1, g.len, g.C, x, r, out, mask, mean, scale, bias);
+          });
+        }
       });
       return;
     }
@@ -614,11 +654,10 @@ void apply_kernel(const Geo& g, const scalar_t* x, const scalar_t* r, scalar_t* 
 }
 
 // dx = dy' * k + (x - mean) * a + b0; grad_residual = dy'.
-template <typename scalar_t>
+template <typename scalar_t, bool kDr, bool kMask, bool kStream>
 void grad_planes(int64_t e0, int64_t e1, int64_t len, int64_t C, const scalar_t* __restrict__ dy,
                  const scalar_t* __restrict__ x, const uint8_t* __restrict__ mask, scalar_t* __restrict__ dx,
-                 scalar_t* __restrict__ dr, const float* mean, const float* k, const float* a, const float* b0,
-                 bool stream) {
+                 scalar_t* __restrict__ dr, const float* mean, const float* k, const float* a, const float* b0) {
   PlaneWalk w(len, C, e0);
   Vec m(mean[w.c]), vk(k[w.c]), va(a[w.c]), vb(b0[w.c]);
   for_groups(e1 - e0, [&](int64_t j, auto n) {
@@ -630,11 +669,30 @@ void grad_planes(int64_t e0, int64_t e1, int64_t len, int64_t C, const scalar_t*
       ga = Vec::blendv(ga, va, from), gb = Vec::blendv(gb, vb, from);
     }
     Vec gv = load_f(dy + i, n);
-    if (mask) gv = masked(gv, mask[i / kG] & low_bits(n));
-    store_f(dx + i, at::vec::fmadd(load_f(x + i, n) - gm, ga, at::vec::fmadd(gv, gk, gb)), n, stream);
-    if (dr) store_f(dr + i, gv, n, stream);
+    if constexpr (kMask) gv = masked(gv, mask[i / kG] & low_bits(n));
+    store_f(dx + i, at::vec::fmadd(load_f(x + i, n) - gm, ga, at::vec::fmadd(gv, gk, gb)), n, kStream);
+    if constexpr (kDr) store_f(dr + i, gv, n, kStream);
   });
-  end_streams(stream);
+  end_streams(kStream);
+}
+
+// grad for channels_last rows [s0, s1) of C channels, C a multiple of 8.
+template <typename scalar_t, bool kDr, bool kMask, bool kStream>
+void grad_rows(int64_t s0, int64_t s1, int64_t C, const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+               const uint8_t* __restrict__ mask, scalar_t* __restrict__ dx, scalar_t* __restrict__ dr,
+               const float* __restrict__ mean, const float* __restrict__ k, const float* __restrict__ a,
+               const float* __restrict__ b0) {
+  for (int64_t base = s0 * C; base < s1 * C; base += C) {
+    for (int64_t j = 0; j < C; j += kG) {
+      const int64_t i = base + j;
+      Vec gv = load_f(dy + i);
+      if constexpr (kMask) gv = masked(gv, mask[i / kG]);
+      const Vec t = at::vec::fmadd(gv, Vec::loadu(k + j), Vec::loadu(b0 + j));
+      store_f(dx + i, at::vec::fmadd(load_f(x + i) - Vec::loadu(mean + j), Vec::loadu(a + j), t), kG, kStream);
+      if constexpr (kDr) store_f(dr + i, gv, kG, kStream);
+    }
+  }
+  end_streams(kStream);
 }
 
 // grad_planes over segments [s0, s1): channels_last rows, or NCHW planes of any length.
@@ -680,10 +738,19 @@ template <typename scalar_t, bool kCL>
 void grad_kernel(const Geo& g, const scalar_t* dy, const scalar_t* x, const uint8_t* mask, scalar_t* dx,
                  scalar_t* dr, const at::opmath_type<scalar_t>* mean, const at::opmath_type<scalar_t>* k,
                  const at::opmath_type<scalar_t>* a, const at::opmath_type<scalar_t>* b0, bool stream) {
-  if constexpr (!kCL && vectorized<scalar_t>()) {
-    if (g.len >= kG) {
-      parallel_groups(g.numel, [&](int64_t e0, int64_t e1) {
-        grad_planes<scalar_t>(e0, e1, g.len, g.C, dy, x, mask, dx, dr, mean, k, a, b0, stream);
+  if constexpr (vectorized<scalar_t>()) {
+    if (kCL ? g.C % kG == 0 : g.len >= kG) {
+      with_flags(dr != nullptr, mask != nullptr, stream, [&](auto kDr, auto kMask, auto kStream) {
+        constexpr bool d = decltype(kDr)::value, msk = decltype(kMask)::value, st = decltype(kStream)::value;
+        if constexpr (kCL) {
+          parallel_segments(g, [&](int64_t s0, int64_t s1) {
+            grad_rows<scalar_t, d, msk, st>(s0, s1, g.C, dy, x, mask, dx, dr, mean, k, a, b0);
+          });
+        } else {
+          parallel_groups(g.numel, [&](int64_t e0, int64_t e1) {
+            grad_planes<scalar_t, d, msk, st>(e0, e1, g.len, g.C, dy, x, mask, dx, dr, mean, k, a, b0);
+          });
+        }
       });
       return;
     }
