@@ -273,6 +273,7 @@ template <typename scalar_t>
 struct StatsTerms {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* x;
+  void prefetch(int64_t i) const { __builtin_prefetch(x + i); }
   void group(int64_t i, int n, const Vec& center, Vec& a1, Vec& a2) const {
     Vec d = load_f(x + i, n) - center;
     if (n < kG) d = Vec::set(Vec(0.f), d, n);
@@ -293,6 +294,10 @@ struct GradTerms {
   const scalar_t* dy;
   const scalar_t* x;
   const uint8_t* mask;  // null: no ReLU
+  void prefetch(int64_t i) const {
+    __builtin_prefetch(dy + i);
+    __builtin_prefetch(x + i);
+  }
   void group(int64_t i, int n, const Vec& center, Vec& a1, Vec& a2) const {
     Vec g = load_f(dy + i, n);  // lanes >= n are 0
     if (mask) g = masked(g, read_bits(mask, i, n));
@@ -390,7 +395,8 @@ void channel_sums_nchw(const Geo& g, const Terms& t, const at::opmath_type<scala
 
 // channels_last, C a multiple of 8: adds rows [rb, re) of the kN channel groups from
 // channel j0 on into the fp32 partials acc1/acc2, their kN accumulator pairs in registers
-// across the rows (rows of a tile are few enough to stay in L1 from one tile to the next).
+// across the rows (rows of a tile are few enough to stay in L1 from one tile to the next),
+// the next tile's rows prefetched (their first touch is a strided walk down the rows).
 template <int kN, typename Terms>
 inline void tile_rows(const Terms& t, int64_t C, int64_t rb, int64_t re, int64_t j0, const float* center,
                       float* acc1, float* acc2) {
@@ -400,8 +406,10 @@ inline void tile_rows(const Terms& t, int64_t C, int64_t rb, int64_t re, int64_t
     a2[u] = Vec::loadu(acc2 + j0 + u * kG);
     ctr[u] = Vec::loadu(center + j0 + u * kG);
   }
+  const int64_t ahead = (re - rb) * C;  // the same columns of the next tile's rows
   for (int64_t r = rb; r < re; ++r) {
     const int64_t i = r * C + j0;
+    for (int u = 0; u < kN; u += 2) t.prefetch(i + ahead + u * kG);  // a 64-byte line per 2 groups
     for (int u = 0; u < kN; ++u) t.group(i + u * kG, kG, ctr[u], a1[u], a2[u]);
   }
   for (int u = 0; u < kN; ++u) {
