@@ -11,7 +11,10 @@
 // has exactly one writer.
 // Reductions: NCHW sums each plane in memory order and then adds the planes of a channel
 // (planes under kSmallPlane elements: one task walks a channel's planes into one set of
-// accumulators); channels_last gives each thread per-channel accumulators over its rows.
+// accumulators); channels_last gives each thread per-channel accumulators over its rows
+// (C a multiple of 8: in tiles of a few rows by up to 32 channels, accumulators in
+// registers). Elementwise passes that move 32 MiB or more use streaming stores; their
+// optional parts (residual, mask, residual gradient) are template flags of the loops.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -524,11 +527,11 @@ const T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
 }
 
-// out = relu?((x - mean) * scale + bias + residual), mask bits, over segments [s0, s1).
-// Segments of a multiple of 8 elements (channels_last with C % 8 == 0, most NCHW planes)
-// store whole mask bytes; others go through the bit writer. Pointers and sizes arrive as
-// parameters: a mask-byte store may alias any object in memory, so values read through a
-// closure would be reloaded after every store.
+// out = relu?((x - mean) * scale + bias + residual), mask bits, over segments [s0, s1), for
+// what apply_rows and apply_planes leave: channels_last rows of C % 8 != 0 channels, NCHW
+// planes under 8 elements, float64. Mask bits go through the bit writer. Pointers and sizes
+// arrive as parameters: a mask-byte store may alias any object in memory, so values read
+// through a closure would be reloaded after every store.
 template <typename scalar_t, bool kCL>
 void apply_segments(int64_t s0, int64_t s1, int64_t len, int64_t C, const scalar_t* __restrict__ x,
                     const scalar_t* __restrict__ r, scalar_t* __restrict__ out, uint8_t* __restrict__ mask,
@@ -542,8 +545,7 @@ void apply_segments(int64_t s0, int64_t s1, int64_t len, int64_t C, const scalar
     const int64_t c = kCL ? 0 : s % C;
     if constexpr (vectorized<scalar_t>()) {
       const Vec m0(mean[c]), sc0(scale[c]), b0(bias[c]);
-      // normalizes the group at base + j, stores it, returns its mask bits
-      auto group = [&](int64_t j, auto n) -> uint32_t {
+      for_groups(len, [&](int64_t j, auto n) {
         Vec m = m0, sc = sc0, b = b0;
         if constexpr (kCL) {
           m = Vec::loadu(mean + j);
@@ -552,26 +554,12 @@ void apply_segments(int64_t s0, int64_t s1, int64_t len, int64_t C, const scalar
         }
         Vec y = at::vec::fmadd(load_f(x + base + j, n) - m, sc, b);
         if (r) y = y + load_f(r + base + j, n);
-        uint32_t bits = 0;
         if (mask) {
-          bits = pass_bits(y) & low_bits(n);
+          bw.push(pass_bits(y) & low_bits(n), n);
           y = at::vec::clamp_min(y, Vec(0.f));
         }
         store_f(out + base + j, y, n, stream);
-        return bits;
-      };
-      if (len % kG == 0) {
-        uint8_t* mb = mask ? mask + base / 8 : nullptr;
-        for (int64_t j = 0; j < len; j += kG) {
-          const uint32_t bits = group(j, std::integral_constant<int, kG>{});
-          if (mb) mb[j / 8] = uint8_t(bits);
-        }
-      } else {
-        for_groups(len, [&](int64_t j, auto n) {
-          const uint32_t bits = group(j, n);
-          if (mask) bw.push(bits, n);
-        });
-      }
+      });
     } else {
       for (int64_t j = 0; j < len; ++j) {
         const int64_t i = base + j, ch = kCL ? j : c;
@@ -703,7 +691,8 @@ void grad_rows(int64_t s0, int64_t s1, int64_t C, const scalar_t* __restrict__ d
   end_streams(kStream);
 }
 
-// grad_planes over segments [s0, s1): channels_last rows, or NCHW planes of any length.
+// dx and grad_residual over segments [s0, s1), for what grad_rows and grad_planes leave:
+// channels_last rows of C % 8 != 0 channels, NCHW planes under 8 elements, float64.
 template <typename scalar_t, bool kCL>
 void grad_segments(int64_t s0, int64_t s1, int64_t len, int64_t C, const scalar_t* __restrict__ dy,
                    const scalar_t* __restrict__ x, const uint8_t* __restrict__ mask, scalar_t* __restrict__ dx,
