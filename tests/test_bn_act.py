@@ -498,10 +498,13 @@ def test_empty_batch_matches_torch():
     assert y.shape == x.shape
 
 
-@pytest.mark.parametrize("name, size", [("resnet18", 32), ("resnet50", 48)])
+@pytest.mark.parametrize("name, size", [("resnet18", 64), ("resnet50", 48)])
 def test_resnet_matches_torchvision(name, size):
     """A torchvision state_dict loads strict; a training step gives torchvision's outputs,
-    gradients and running statistics (relative rule against float64), then eval outputs."""
+    gradients and running statistics (relative rule against float64), then eval outputs.
+    Sizes keep at least 8 values per channel in the last stage's batch norms: at 2 values
+    (resnet18 at 32x32, batch 2) float32 gradients are chaotic for torchvision itself (its
+    error against float64 ranged 0.015 to 0.27 over input seeds), no base for a 2x rule."""
     torchvision = pytest.importorskip("torchvision")
     tv = getattr(torchvision.models, name)()
     sf = getattr(skipfast.models, name)()
