@@ -317,7 +317,7 @@ struct GradTerms {
   }
 };
 
-// NCHW with small planes (7x7, 14x14): a horizontal sum per plane would cost as much as
+// NCHW with small planes (7x7, 10x10): a horizontal sum per plane would cost as much as
 // the plane itself, so each task sums whole channels, walking a channel's N planes into
 // one set of vector accumulators (folded into double every kFold elements or so).
 template <typename scalar_t, typename Terms>
