@@ -51,6 +51,9 @@ OptTensor opt_if(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nul
 struct TrainFn : public torch::autograd::Function<TrainFn> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const OptTensor& weight,
                                const OptTensor& bias, const OptTensor& residual, double eps, bool relu) {
+    // Function::apply only turns grad mode off: without this guard the call would reach
+    // bn_act_train's registered (Python) autograd kernel.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [out, mean, var, invstd, mask] = train_op().call(x, weight, bias, residual, eps, relu);
     ctx->save_for_backward({x, weight.value_or(Tensor()), mean, invstd, relu ? mask : Tensor()});
     ctx->saved_data["relu"] = relu;
@@ -72,6 +75,7 @@ struct TrainFn : public torch::autograd::Function<TrainFn> {
     const Tensor& grad_out = grads[0];
     variable_list result(6);
     if (!grad_out.defined()) return result;
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // the phase ops have no autograd of their own
     auto [sum_dy, sum_dy_xhat] = reduce_op().call(grad_out, x, mean, invstd, opt_if(mask));
     if (need_x || (need_r && relu)) {
       auto [gx, gr] = elemt_op().call(grad_out, x, mean, invstd, opt_if(weight), opt_if(mask), sum_dy, sum_dy_xhat,
