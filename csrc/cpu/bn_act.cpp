@@ -626,27 +626,42 @@ void apply_rows(int64_t s0, int64_t s1, int64_t C, const scalar_t* __restrict__ 
   end_streams(kStream);
 }
 
+// Runs pass(A, B, S, i0, i1) over parallel chunks of x when the flagged loops serve it:
+// channels_last rows of a multiple of 8 channels ([i0, i1) rows) or NCHW planes of at least
+// 8 elements ([i0, i1) flat elements), float/half/bfloat16. A, B, S: with_flags's
+// constants for a, b, s. False (nothing run) otherwise: the *_segments loops take it.
+template <typename scalar_t, bool kCL, typename Pass>
+bool flagged_pass(const Geo& g, bool a, bool b, bool s, Pass&& pass) {
+  if constexpr (vectorized<scalar_t>()) {
+    if (kCL ? g.C % kG == 0 : g.len >= kG) {
+      with_flags(a, b, s, [&](auto A, auto B, auto S) {
+        auto chunk = [&](int64_t i0, int64_t i1) { pass(A, B, S, i0, i1); };
+        if constexpr (kCL) {
+          parallel_segments(g, chunk);
+        } else {
+          parallel_groups(g.numel, chunk);
+        }
+      });
+      return true;
+    }
+  }
+  return false;
+}
+
 template <typename scalar_t, bool kCL>
 void apply_kernel(const Geo& g, const scalar_t* x, const scalar_t* r, scalar_t* out, uint8_t* mask,
                   const at::opmath_type<scalar_t>* mean, const at::opmath_type<scalar_t>* scale,
                   const at::opmath_type<scalar_t>* bias, bool stream) {
-  if constexpr (vectorized<scalar_t>()) {
-    if (kCL ? g.C % kG == 0 : g.len >= kG) {
-      with_flags(r != nullptr, mask != nullptr, stream, [&](auto kRes, auto kMask, auto kStream) {
-        constexpr bool res = decltype(kRes)::value, msk = decltype(kMask)::value, st = decltype(kStream)::value;
-        if constexpr (kCL) {
-          parallel_segments(g, [&](int64_t s0, int64_t s1) {
-            apply_rows<scalar_t, res, msk, st>(s0, s1, g.C, x, r, out, mask, mean, scale, bias);
-          });
-        } else {
-          parallel_groups(g.numel, [&](int64_t e0, int64_t e1) {
-            apply_planes<scalar_t, res, msk, st>(e0, e1, g.len, g.C, x, r, out, mask, mean, scale, bias);
-          });
-        }
-      });
-      return;
+  const bool done = flagged_pass<scalar_t, kCL>(g, r != nullptr, mask != nullptr, stream,
+                                                [&](auto kRes, auto kMask, auto kStream, int64_t i0, int64_t i1) {
+    constexpr bool res = decltype(kRes)::value, msk = decltype(kMask)::value, st = decltype(kStream)::value;
+    if constexpr (kCL) {
+      apply_rows<scalar_t, res, msk, st>(i0, i1, g.C, x, r, out, mask, mean, scale, bias);
+    } else {
+      apply_planes<scalar_t, res, msk, st>(i0, i1, g.len, g.C, x, r, out, mask, mean, scale, bias);
     }
-  }
+  });
+  if (done) return;
   parallel_segments(g, [&](int64_t s0, int64_t s1) {
     apply_segments<scalar_t, kCL>(s0, s1, g.len, g.C, x, r, out, mask, mean, scale, bias, stream);
   });
@@ -738,23 +753,16 @@ template <typename scalar_t, bool kCL>
 void grad_kernel(const Geo& g, const scalar_t* dy, const scalar_t* x, const uint8_t* mask, scalar_t* dx,
                  scalar_t* dr, const at::opmath_type<scalar_t>* mean, const at::opmath_type<scalar_t>* k,
                  const at::opmath_type<scalar_t>* a, const at::opmath_type<scalar_t>* b0, bool stream) {
-  if constexpr (vectorized<scalar_t>()) {
-    if (kCL ? g.C % kG == 0 : g.len >= kG) {
-      with_flags(dr != nullptr, mask != nullptr, stream, [&](auto kDr, auto kMask, auto kStream) {
-        constexpr bool d = decltype(kDr)::value, msk = decltype(kMask)::value, st = decltype(kStream)::value;
-        if constexpr (kCL) {
-          parallel_segments(g, [&](int64_t s0, int64_t s1) {
-            grad_rows<scalar_t, d, msk, st>(s0, s1, g.C, dy, x, mask, dx, dr, mean, k, a, b0);
-          });
-        } else {
-          parallel_groups(g.numel, [&](int64_t e0, int64_t e1) {
-            grad_planes<scalar_t, d, msk, st>(e0, e1, g.len, g.C, dy, x, mask, dx, dr, mean, k, a, b0);
-          });
-        }
-      });
-      return;
+  const bool done = flagged_pass<scalar_t, kCL>(g, dr != nullptr, mask != nullptr, stream,
+                                                [&](auto kDr, auto kMask, auto kStream, int64_t i0, int64_t i1) {
+    constexpr bool d = decltype(kDr)::value, msk = decltype(kMask)::value, st = decltype(kStream)::value;
+    if constexpr (kCL) {
+      grad_rows<scalar_t, d, msk, st>(i0, i1, g.C, dy, x, mask, dx, dr, mean, k, a, b0);
+    } else {
+      grad_planes<scalar_t, d, msk, st>(i0, i1, g.len, g.C, dy, x, mask, dx, dr, mean, k, a, b0);
     }
-  }
+  });
+  if (done) return;
   parallel_segments(g, [&](int64_t s0, int64_t s1) {
     grad_segments<scalar_t, kCL>(s0, s1, g.len, g.C, dy, x, mask, dx, dr, mean, k, a, b0, stream);
   });
