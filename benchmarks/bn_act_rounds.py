@@ -18,7 +18,7 @@ import time
 import torch
 
 import conftest  # noqa: F401  (heap settings)
-from test_bn_act_bench import DEVICE, SHAPES, _sync, _tail
+from test_bn_act_bench import DEVICE, SHAPES, _sync, case_inputs, checked_tail
 
 PROVIDERS = ("eager", "compile", "skipfast")
 MODES = ("fwd", "fwd+bwd")
@@ -26,19 +26,14 @@ MODES = ("fwd", "fwd+bwd")
 
 def _case(shape, layout, mode):
     """(provider -> (setup, run)) for one case, each checked against eager first."""
-    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    torch.manual_seed(0)
-    x = torch.randn(shape, device=DEVICE).contiguous(memory_format=fmt).requires_grad_(mode != "fwd")
-    r = torch.randn(shape, device=DEVICE).contiguous(memory_format=fmt).requires_grad_(mode != "fwd")
-    g = torch.randn(shape, device=DEVICE).contiguous(memory_format=fmt)
-    ref = torch.relu(torch.nn.functional.batch_norm(x.detach(), None, None, training=True) + r.detach())
+    x, r, g = case_inputs(shape, layout, mode)  # shared by the providers
+
+    def fresh():
+        x.grad = r.grad = None
+
     runs = {}
     for p in PROVIDERS:
-        fn = _tail(p, shape[1], layout, mode)
-        torch.testing.assert_close(fn(x, r).detach(), ref, rtol=1e-4, atol=1e-4)
-
-        def fresh():
-            x.grad = r.grad = None
+        fn = checked_tail(p, shape, layout, mode, x, r)
 
         if mode == "fwd":
             def run(fn=fn):

@@ -43,20 +43,32 @@ def _tail(provider, C, layout, mode):
     return _compiled[key]
 
 
-@pytest.mark.parametrize("provider", ["eager", "compile", "skipfast"])
-@pytest.mark.parametrize("mode", ["fwd", "bwd", "fwd+bwd"])
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_bn_add_relu_training(benchmark, shape, layout, mode, provider):
+def case_inputs(shape, layout, mode):
+    """x, residual and grad_out of one case (seeded)."""
     torch.manual_seed(0)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x = torch.randn(shape, device=DEVICE).contiguous(memory_format=fmt).requires_grad_(mode != "fwd")
     r = torch.randn(shape, device=DEVICE).contiguous(memory_format=fmt).requires_grad_(mode != "fwd")
     g = torch.randn(shape, device=DEVICE).contiguous(memory_format=fmt)
+    return x, r, g
+
+
+def checked_tail(provider, shape, layout, mode, x, r):
+    """The provider's tail for one case, checked against eager on (x, r) first (which also
+    warms it up and compiles it)."""
     fn = _tail(provider, shape[1], layout, mode)
-    # correctness against eager before timing (also warms up / compiles)
     ref = torch.relu(torch.nn.functional.batch_norm(x.detach(), None, None, training=True) + r.detach())
     torch.testing.assert_close(fn(x, r).detach(), ref, rtol=1e-4, atol=1e-4)
+    return fn
+
+
+@pytest.mark.parametrize("provider", ["eager", "compile", "skipfast"])
+@pytest.mark.parametrize("mode", ["fwd", "bwd", "fwd+bwd"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_bn_add_relu_training(benchmark, shape, layout, mode, provider):
+    x, r, g = case_inputs(shape, layout, mode)
+    fn = checked_tail(provider, shape, layout, mode, x, r)
     benchmark.extra_info.update(device=DEVICE, dtype="float32", threads=torch.get_num_threads())
 
     if mode == "fwd":
