@@ -43,7 +43,7 @@ using namespace bn_act;
 constexpr int kThreads = 256;
 constexpr int kWarp = 32;
 constexpr int kVec = 4;                 // reductions: elements per vector load
-constexpr int64_t kBlockElems = 8192;   // NCHW reductions: fewest elements a partial block reads
+constexpr int64_t kBlockElems = 16384;  // NCHW reductions: fewest elements a partial block reads
 constexpr int64_t kSplitBlocks = 2048;  // NCHW reductions: most blocks in a partial grid
 constexpr int64_t kRowsPerThread = 8;   // channels_last reductions: fewest rows a thread reads
 constexpr int64_t kMaxSplits = 256;     // channels_last reductions: most splits (finalize reads them all)
