@@ -12,7 +12,6 @@ that cannot run on the device raises an error that says why.
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import os
 import warnings
@@ -61,10 +60,15 @@ def has_cuda_kernels() -> bool:
     return _C is not None and bool(_C.with_cuda)
 
 
-@functools.cache
+# Looked up once, at import: select() asks on every op call, also while torch.compile traces
+# a model, and dynamo does not trace importlib's lookup (a graph break, an error under
+# fullgraph=True).
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def has_triton() -> bool:
-    """Whether triton is installed (looked up once: select() asks on every CUDA op call)."""
-    return importlib.util.find_spec("triton") is not None
+    """Whether triton is installed."""
+    return _HAS_TRITON
 
 
 def _why_not(backend: str, device: torch.device) -> str | None:
