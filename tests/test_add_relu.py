@@ -94,6 +94,23 @@ def test_reference_backend_is_forced_by_env():
         skipfast.ops.add_relu(x, r)
 
 
+@pytest.mark.parametrize("name", ["reference", "cpp", "triton"])
+def test_backend_choice_traces_under_compile(name, monkeypatch):
+    """select() runs inside every op a compiled model calls: it must trace with fullgraph=True
+    (no lookup dynamo refuses, such as importlib's find_spec), for each forced backend."""
+    if name == "triton":
+        pytest.importorskip("triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def chosen(x):
+        return x + (1.0 if skipfast._backend.select("add_relu", x.device) == name else 2.0)
+
+    with backend(name):
+        assert chosen(torch.zeros(3)).tolist() == [1.0, 1.0, 1.0]
+
+
 @pytest.mark.parametrize(
     "x, r, err, match",
     [
