@@ -105,10 +105,14 @@ def _conv_cases(n, c, k, hw, r, stride, dtype):
     return [(f"conv {c}->{k} {r}x{r}/{stride} at {hw}x{hw}, batch {n}", eager, fused, flops)]
 
 
-def measure(calls: int = 20) -> dict:
+BN_SHAPES = ((32, 64, 56, 56), (32, 256, 14, 14), (32, 512, 7, 7))
+FAMILIES = ("bn_act", "conv")
+
+
+def measure(calls: int = 20, families=FAMILIES) -> dict:
     copy = ceilings.copy_bandwidth(torch.device("cuda"), 1 << 30)
     rows = []
-    for shape in ((32, 64, 56, 56), (32, 256, 14, 14)):
+    for shape in BN_SHAPES if "bn_act" in families else ():
         for fmt, fname in ((torch.contiguous_format, "NCHW"), (CL, "NHWC")):
             for name, eager, fused, nbytes in _bn_cases(shape, fmt):
                 row = {"case": f"{name} {list(shape)} {fname}", "min_bytes": nbytes, "us": {}}
@@ -117,7 +121,8 @@ def measure(calls: int = 20) -> dict:
                     with _backend.forced(backend):
                         row["us"][backend] = device_us(fused, calls)
                 rows.append(row)
-    for args in ((64, 64, 64, 56, 3, 1), (64, 256, 64, 56, 1, 1), (64, 128, 128, 28, 3, 1), (64, 3, 64, 224, 7, 2)):
+    conv_shapes = ((64, 64, 64, 56, 3, 1), (64, 256, 64, 56, 1, 1), (64, 128, 128, 28, 3, 1), (64, 3, 64, 224, 7, 2))
+    for args in conv_shapes if "conv" in families else ():
         for name, eager, fused, flops in _conv_cases(*args, torch.bfloat16):
             row = {"case": f"{name} bf16 NHWC", "flops": flops, "us": {"eager": device_us(eager, calls)}}
             for backend in ("cpp", "triton"):
@@ -148,10 +153,16 @@ def main(argv=None) -> dict:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="kernels.json")
     p.add_argument("--calls", type=int, default=20)
+    p.add_argument("--families", default=",".join(FAMILIES),
+                   help=f"comma-separated op families to measure (default {','.join(FAMILIES)})")
     args = p.parse_args(argv)
+    families = [f.strip() for f in args.families.split(",") if f.strip()]
+    unknown = sorted(set(families) - set(FAMILIES))
+    if unknown or not families:
+        p.error(f"--families: expected a comma-separated subset of {', '.join(FAMILIES)}, got {args.families!r}")
     if not torch.cuda.is_available():
         raise SystemExit("python -m skipfast.bench.kernels: needs a CUDA device")
-    doc = measure(args.calls)
+    doc = measure(args.calls, families)
     with open(args.out, "w") as f:
         json.dump(doc, f, indent=1)
     print(table(doc))
