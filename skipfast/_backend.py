@@ -43,10 +43,12 @@ CUDA_PRIORITY: dict[str, tuple[str, ...]] = {
     # and 7x7 ResNet shapes; the Triton implicit GEMM lost those (0.51x on 3x3 128->128, 0.30x
     # on the 7x7 stem) and won one 1x1 shape (256->64 at 56x56: 2.10x eager).
     "conv": ("cpp", "triton"),
-    # bn_act: CUDA C++ was faster for NCHW [32, 64, 56, 56] training (forward 57.5 vs 85.9 us,
-    # forward + backward 151 vs 247 us); Triton for eval (30.8 vs 41.6 us) and for the
-    # [32, 256, 14, 14] and channels_last training shapes (e.g. forward + backward 58 vs
-    # 77 us). One order per family: CUDA C++ first, for the large NCHW training shapes.
+    # bn_act: CUDA C++ is faster in training at every measured shape and layout (H200,
+    # benchmarks/results/2026-11-27-nvidia-h200-b007d0e/kernels.md, e.g. [32, 64, 56, 56]
+    # forward 35.8 vs 78.5 us NCHW, 41.6 vs 160.5 us channels_last). Triton's eval kernels are
+    # faster in channels_last (23.0 vs 28.5 us), but its eval wall time per call was 361 us
+    # against 164 us for CUDA C++ on an H100 (host cost of the triton_op route). One order per
+    # family: CUDA C++ first.
     "bn_act": ("cpp", "triton"),
 }
 DEFAULT_CUDA_PRIORITY = ("cpp", "triton")
