@@ -35,9 +35,9 @@ except ImportError as exc:  # pragma: no cover - exercised by the no-extension t
         stacklevel=2,
     )
 
-# Families whose CUDA priority differs from the default are listed with the reason.
-# Measured on an H100 (benchmarks/results/2026-11-27-nvidia-h100-80gb/kernels.md, GPU kernel
-# time per call, bf16 / float32):
+# Families whose CUDA priority differs from the default are listed with the reason, from
+# GPU kernel time per call (python -m skipfast.bench.kernels; the recorded run is named).
+# conv: H100, benchmarks/results/2026-11-27-nvidia-h100-80gb/kernels.md, bf16.
 CUDA_PRIORITY: dict[str, tuple[str, ...]] = {
     # conv: cuDNN + the C++ epilogue pass ran 1.12-1.17x eager conv + add + relu on the 3x3
     # and 7x7 ResNet shapes; the Triton implicit GEMM lost those (0.51x on 3x3 128->128, 0.30x
