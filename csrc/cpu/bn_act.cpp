@@ -55,8 +55,9 @@ constexpr int64_t kStreamBytes = int64_t(32) << 20;
 // rounds, threshold 4 MiB, which streams the same passes at these shapes): BatchNormAct2d
 // forward + backward [32, 256, 14, 14] channels_last 5.88 -> 4.71 ms, NCHW 3.95 -> 3.45,
 // [32, 512, 7, 7] 2.19 -> 1.83 and 2.94 -> 2.67; ResNet-18 and ResNet-50 training steps
-// within 2%. The apply op keeps 32 MiB: ResNet-50 eval was 3% slower with 4 MiB (the next
-// convolution reads the output, and then finds it in the cache).
+// within 2% with 4 MiB (8 MiB streams a subset of those passes). The apply op keeps 32 MiB:
+// ResNet-50 eval was 3% slower with 4 MiB (the next convolution reads the output, which
+// plain stores leave in the cache).
 constexpr int64_t kStreamBytesTraining = int64_t(8) << 20;
 
 template <typename scalar_t>
