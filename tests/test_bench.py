@@ -285,3 +285,22 @@ def test_ceilings_code_path_on_cpu():
 def test_report_formatting():
     assert report.fmt_ms(0.5) == "500 us" and report.fmt_ms(12.345) == "12.35 ms" and report.fmt_ms(250) == "250 ms"
     assert report.fmt_bytes(3 << 20) == "3.0 MiB" and report.fmt_ratio(None) == "-"
+
+
+@pytest.mark.parametrize("value", ["foo", "bn_act,bogus", ","])
+def test_kernels_rejects_unknown_families(value, capsys):
+    from skipfast.bench import kernels
+
+    with pytest.raises(SystemExit) as exc:
+        kernels.main(["--families", value])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--families" in err and "bn_act, conv" in err and repr(value) in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_kernels_needs_cuda():
+    from skipfast.bench import kernels
+
+    with pytest.raises(SystemExit, match="needs a CUDA device"):
+        kernels.main(["--families", "bn_act"])
