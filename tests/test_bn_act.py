@@ -209,7 +209,8 @@ def test_odd_shapes_across_parallel_chunks(shape, cl):
 
 @pytest.mark.parametrize("C, cl", [(64, False), (64, True), (20, True)])
 def test_large_passes_with_streaming_stores(C, cl):
-    """float32 passes that move more than 32 MiB write with streaming stores (CPU): NCHW,
+    """float32 passes write with streaming stores (CPU) once they move 8 MiB (training) or
+    32 MiB (the apply op); these shapes stream in every pass. NCHW,
     channels_last with 32-byte aligned rows (C = 64) and with rows that are not (C = 20,
     whose misaligned groups take ordinary stores). Output, mask and gradients against float64."""
     torch.manual_seed(0)
@@ -229,6 +230,28 @@ def test_large_passes_with_streaming_stores(C, cl):
     ye_ref = batch_norm_act_reference(x.double(), w.double(), b.double(), rm.double(), rv.double(), training=False,
                                       residual=r.double())
     assert_close_fp32(ye, ye_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(100, 24, 7, 7), (70, 10, 3, 5), (4, 3, 1, 9)])
+def test_small_planes_sums_across_folds_and_tasks(shape):
+    """NCHW planes under 128 elements: per-channel accumulators over channel ranges (several
+    parallel tasks), folded into double mid-way when N * H * W passes 4096, partial groups
+    when H * W % 8 != 0. Statistics and both backward sums against float64."""
+    torch.manual_seed(0)
+    x = torch.randn(shape) * 3 + 1
+    dy = torch.randn(shape)
+    mean, var = torch.ops.skipfast.bn_act_stats(x)
+    var64, mean64 = torch.var_mean(x.double(), dim=(0, 2, 3), unbiased=False)
+    torch.testing.assert_close(mean.double(), mean64, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(var.double(), var64, rtol=1e-6, atol=1e-6)
+    invstd = (var + 1e-5).rsqrt()
+    out, _, _, _, mask = torch.ops.skipfast.bn_act_train(x, None, None, None, 1e-5, True)
+    sum_dy, sum_dy_xhat = torch.ops.skipfast.bn_act_backward_reduce(dy, x, mean, invstd, mask)
+    g = dy.double() * (out > 0).double()
+    xhat = (x.double() - mean.double()[:, None, None]) * invstd.double()[:, None, None]
+    torch.testing.assert_close(sum_dy.double(), g.sum((0, 2, 3)), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(sum_dy_xhat.double(), (g * xhat).sum((0, 2, 3)), rtol=1e-5, atol=1e-4)
+
 
 def _sample_inputs():
     for cl in (False, True):
