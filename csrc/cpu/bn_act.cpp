@@ -11,10 +11,11 @@
 // has exactly one writer.
 // Reductions: NCHW sums each plane in memory order and then adds the planes of a channel
 // (planes under kSmallPlane elements: a task keeps accumulators for a range of channels
-// and walks their planes in memory order); channels_last gives each thread per-channel accumulators over its rows
-// (C a multiple of 8: in tiles of a few rows by up to 32 channels, accumulators in
-// registers). Elementwise passes that move 32 MiB or more use streaming stores; their
-// optional parts (residual, mask, residual gradient) are template flags of the loops.
+// and walks their planes in memory order); channels_last gives each thread per-channel
+// accumulators over its rows (C a multiple of 8: in tiles of a few rows by up to 32
+// channels, accumulators in registers). Elementwise passes that move 32 MiB or more (8 MiB
+// in a training step) use streaming stores; their optional parts (residual, mask, residual
+// gradient) are template flags of the loops.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
