@@ -492,9 +492,6 @@ at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
   return opt(t) ? opt(t)->contiguous() : at::Tensor();
 }
 
-// Whether the elementwise kernels' 16-byte packs can be loaded and stored at p.
-bool pack_aligned(const void* p) { return aligned16(p); }
-
 Layout layout(const at::Tensor& xc) {
   return Layout{xc.size(1), xc.size(2) * xc.size(3), layout_of(xc) == at::MemoryFormat::ChannelsLast};
 }
@@ -534,8 +531,8 @@ void apply_into(const at::Tensor& xc, const at::Tensor& mean, const at::Tensor& 
   if (n == 0) return;
   auto stream = c10::cuda::getCurrentCUDAStream();
   DISPATCH_CUDA_FLOATS(xc.scalar_type(), "bn_act_apply_cuda", [&] {
-    const bool vec = pack_aligned(xc.const_data_ptr()) && pack_aligned(out.data_ptr()) &&
-                     (!rc.defined() || pack_aligned(rc.const_data_ptr()));
+    const bool vec = aligned16(xc.const_data_ptr()) && aligned16(out.data_ptr()) &&
+                     (!rc.defined() || aligned16(rc.const_data_ptr()));
     apply_kernel<scalar_t><<<elementwise_blocks<scalar_t>(n), kThreads, 0, stream>>>(
         xc.const_data_ptr<scalar_t>(), rc.defined() ? rc.const_data_ptr<scalar_t>() : nullptr,
         out.mutable_data_ptr<scalar_t>(), mask.numel() ? mask.mutable_data_ptr<uint8_t>() : nullptr,
@@ -654,8 +651,8 @@ std::tuple<at::Tensor, at::Tensor> backward_elemt_cuda(const at::Tensor& grad_ou
   auto s1 = contiguous_or_undefined(sum_dy), s2 = contiguous_or_undefined(sum_dy_xhat);
   auto stream = c10::cuda::getCurrentCUDAStream();
   DISPATCH_CUDA_FLOATS(x.scalar_type(), "bn_act_backward_elemt_cuda", [&] {
-    const bool vec = pack_aligned(xc.const_data_ptr()) && pack_aligned(gc.const_data_ptr()) &&
-                     pack_aligned(dx.data_ptr()) && (!grad_residual || pack_aligned(dr.data_ptr()));
+    const bool vec = aligned16(xc.const_data_ptr()) && aligned16(gc.const_data_ptr()) &&
+                     aligned16(dx.data_ptr()) && (!grad_residual || aligned16(dr.data_ptr()));
     elemt_kernel<scalar_t><<<elementwise_blocks<scalar_t>(n), kThreads, 0, stream>>>(
         gc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(), ptr_or_null<uint8_t>(mk),
         mc.const_data_ptr<float>(), ic.const_data_ptr<float>(), ptr_or_null<float>(wc), ptr_or_null<float>(s1),
