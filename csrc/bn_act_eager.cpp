@@ -1,9 +1,10 @@
-// bn_act training in eager mode, in one call from Python: the training kernel
+// bn_act in eager mode, in one call from Python. Training: the training kernel
 // (bn_act_train on the input's device), its autograd node and the running-statistics
 // update. The Python route for the same work (torch.autograd.Function plus in-place
 // updates, skipfast/ops/bn_act.py) costs about 100 us of host time per call, as much as
 // the kernels of a 7x7 ResNet stage. Same saved tensors and same backward phases as the
-// registered autograd, which torch.compile traces instead of this op.
+// registered autograd, which torch.compile traces instead of these ops. Eval: the inverse
+// standard deviation of the running variance, then bn_act_apply.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -11,6 +12,8 @@
 
 #include <optional>
 #include <tuple>
+
+#include "bn_act.h"
 
 namespace skipfast {
 namespace {
@@ -28,6 +31,12 @@ c10::TypedOperatorHandle<Sig> op(const char* name) {
 const auto& train_op() {
   static const auto h = op<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
       const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, double, bool)>("skipfast::bn_act_train");
+  return h;
+}
+
+const auto& apply_op() {
+  static const auto h = op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                                                      const OptTensor&, const OptTensor&, bool)>("skipfast::bn_act_apply");
   return h;
 }
 
@@ -90,11 +99,31 @@ struct TrainFn : public torch::autograd::Function<TrainFn> {
   }
 };
 
+// running_mean and running_var: both absent or both 1-D tensors of C floating-point values
+// on x's device (any floating dtype: they are updated in their own).
+void check_running(const char* op, const Tensor& x, const OptTensor& running_mean, const OptTensor& running_var) {
+  TORCH_CHECK_VALUE(bool(bn_act::opt(running_mean)) == bool(bn_act::opt(running_var)), op,
+                    ": running_mean and running_var must both be tensors or both be None");
+  for (const auto& [name, t] : {std::pair{"running_mean", bn_act::opt(running_mean)},
+                                std::pair{"running_var", bn_act::opt(running_var)}}) {
+    if (t == nullptr) continue;
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == x.size(1), op, ": ", name, " must have ", x.size(1),
+                      " values (one per channel of x), got shape ", t->sizes());
+    check_floating(op, name, *t);
+    TORCH_CHECK_VALUE(t->device() == x.device(), op, ": ", name, " must be on the device of x (", x.device(),
+                      "), got ", t->device());
+  }
+}
+
+// The float32 CPU tensors that the loops below read and write in place of ATen ops.
+bool plain_cpu_float(const Tensor& t) {
+  return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && !t.requires_grad();
+}
+
 // running = (1 - momentum) * running + momentum * factor * batch, in place: a loop for
 // float32 CPU tensors, ATen's in-place ops elsewhere.
 void update_running(const Tensor& running, const Tensor& batch, double momentum, double factor) {
-  if (running.device().is_cpu() && running.scalar_type() == at::kFloat && batch.scalar_type() == at::kFloat &&
-      running.is_contiguous() && batch.is_contiguous()) {
+  if (plain_cpu_float(running) && plain_cpu_float(batch)) {
     float* r = running.mutable_data_ptr<float>();
     const float* b = batch.const_data_ptr<float>();
     const float keep = float(1 - momentum), take = float(momentum * factor);
@@ -107,11 +136,16 @@ void update_running(const Tensor& running, const Tensor& batch, double momentum,
 }
 
 // running = (1 - momentum) * running + momentum * batch (unbiased variance), as torch.
+// Every argument is checked before any state changes.
 Tensor train_eager(const Tensor& x, const OptTensor& weight, const OptTensor& bias, const OptTensor& residual,
                    const OptTensor& running_mean, const OptTensor& running_var, double momentum, double eps,
                    bool relu) {
+  constexpr const char* op = "skipfast.bn_act_train_eager";
+  bn_act::check_x(op, x);
+  bn_act::check_train_args(op, x, weight, bias, residual);
+  check_running(op, x, running_mean, running_var);
   auto outs = TrainFn::apply(x, weight, bias, residual, eps, relu);
-  if (running_mean && running_mean->defined()) {
+  if (bn_act::opt(running_mean)) {
     const double n = double(x.numel() / x.size(1));
     update_running(*running_mean, outs[1], momentum, 1.0);
     update_running(*running_var, outs[2], momentum, n / (n - 1));
@@ -119,8 +153,42 @@ Tensor train_eager(const Tensor& x, const OptTensor& weight, const OptTensor& bi
   return outs[0];
 }
 
+// Eval: bn_act_apply with mean = running_mean and invstd = 1 / sqrt(running_var + eps), in
+// the dtype of the per-channel tensors (float32 CPU: one loop; elsewhere ATen ops, which
+// autograd records when the running statistics require gradients).
+Tensor eval_eager(const Tensor& x, const OptTensor& weight, const OptTensor& bias, const OptTensor& residual,
+                  const Tensor& running_mean, const Tensor& running_var, double eps, bool relu) {
+  constexpr const char* op = "skipfast.bn_act_eval_eager";
+  bn_act::check_x(op, x);
+  check_running(op, x, running_mean, running_var);
+  bn_act::check_opt_channel_vector(op, "weight", weight, x);
+  bn_act::check_opt_channel_vector(op, "bias", bias, x);
+  if (bn_act::opt(residual)) check_same_shape(op, "residual", *residual, x);
+  const auto sd = bn_act::stat_dtype(x);
+  const Tensor mean = running_mean.to(sd);
+  Tensor invstd;
+  if (sd == at::kFloat && plain_cpu_float(running_var)) {
+    invstd = at::empty_like(running_var);
+    const float* v = running_var.const_data_ptr<float>();
+    float* out = invstd.mutable_data_ptr<float>();
+    for (int64_t c = 0; c < invstd.numel(); ++c) out[c] = float(bn_act::invstd_of<double>(v[c], eps));
+  } else {
+    invstd = at::rsqrt(running_var.to(sd) + eps);
+  }
+  auto wants = [](const OptTensor& t) { return t && t->requires_grad(); };
+  if (at::GradMode::is_enabled() && (x.requires_grad() || mean.requires_grad() || invstd.requires_grad() ||
+                                     wants(weight) || wants(bias) || wants(residual))) {
+    return std::get<0>(apply_op().call(x, mean, invstd, weight, bias, residual, relu));  // through autograd
+  }
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return std::get<0>(apply_op().call(x, mean, invstd, weight, bias, residual, relu));
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(skipfast, CompositeImplicitAutograd, m) { m.impl("bn_act_train_eager", &train_eager); }
+TORCH_LIBRARY_IMPL(skipfast, CompositeImplicitAutograd, m) {
+  m.impl("bn_act_train_eager", &train_eager);
+  m.impl("bn_act_eval_eager", &eval_eager);
+}
 
 }  // namespace skipfast

@@ -46,6 +46,9 @@ TORCH_LIBRARY(skipfast, m) {
   // node, then the in-place running-statistics update. Not traced by torch.compile.
   m.def("bn_act_train_eager(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, Tensor(a!)? running_mean, "
         "Tensor(b!)? running_var, float momentum, float eps, bool relu) -> Tensor");
+  // Eager-mode eval in one call: invstd of the running variance, then bn_act_apply.
+  m.def("bn_act_eval_eager(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, Tensor running_mean, "
+        "Tensor running_var, float eps, bool relu) -> Tensor");
 
   // ---- dense: concat-free dense blocks ----
   // conv1x1(relu(x * scale + shift), weight): x may be a channel prefix of a channels_last

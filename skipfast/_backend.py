@@ -106,14 +106,21 @@ def select(family: str, device: torch.device) -> str:
         if why is not None:
             raise RuntimeError(f"skipfast.{family}: SKIPFAST_BACKEND={forced} cannot run on {device}: {why}")
         return forced
-    if device.type == "cuda":
-        order = CUDA_PRIORITY.get(family, DEFAULT_CUDA_PRIORITY)
-    else:
-        order = ("cpp",)
-    for backend in order:
-        if _why_not(backend, device) is None:
-            return backend
-    return "reference"
+    key = (family, device.type)
+    backend = _CHOSEN.get(key)
+    if backend is None:
+        backend = "reference"
+        for b in CUDA_PRIORITY.get(family, DEFAULT_CUDA_PRIORITY) if device.type == "cuda" else ("cpp",):
+            if _why_not(b, device) is None:
+                backend = b
+                break
+        _CHOSEN[key] = backend
+    return backend
+
+
+# select()'s unforced choices, per (family, device type): they depend on nothing that changes
+# while the process runs, and select() runs on every op call.
+_CHOSEN: dict[tuple[str, str], str] = {}
 
 
 @contextlib.contextmanager

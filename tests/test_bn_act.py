@@ -82,6 +82,28 @@ def test_eval_forward_backward_fp32(shape, cl):
         assert_close_fp32(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("cl", [False, True])
+def test_eval_without_grad_matches_reference(dtype, cl):
+    """Eval with no gradient wanted runs one C++ call (invstd of the running variance, then
+    the apply kernel below autograd): output against float64, low precision by the relative
+    rule, float32 per-channel tensors for every input dtype but float64 (as under autocast)."""
+    shape = (3, 12, 5, 7)
+    x, r = _x(shape, cl=cl), _x(shape, cl=cl)
+    w, b = _params(12)
+    rm, rv = torch.randn(12, dtype=torch.float64), torch.rand(12, dtype=torch.float64) + 0.5
+    y_ref = batch_norm_act_reference(x, w, b, rm, rv, training=False, residual=r)
+    args = tuple(t.to(torch.float64 if dtype == torch.float64 else torch.float32) for t in (w, b, rm, rv))
+    with torch.no_grad():
+        y = batch_norm_act(x.to(dtype), *args, training=False, residual=r.to(dtype))
+        y_eager = batch_norm_act_reference(x.to(dtype), *args, training=False, residual=r.to(dtype))
+    assert y.dtype == dtype and y.is_contiguous(memory_format=CL if cl else torch.contiguous_format)
+    if dtype in (torch.float16, torch.bfloat16):
+        assert_low_precision_ok(y, y_eager, y_ref)
+    else:
+        assert_close_fp32(y, y_ref)
+
+
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("cl", [False, True])
 def test_gradcheck(training, cl):
@@ -503,6 +525,17 @@ def test_cpp_kernels_reject_bad_input_themselves():
         torch.ops.skipfast.bn_act_backward_reduce(x, x, torch.zeros(3), torch.ones(3), torch.zeros(5, dtype=torch.uint8))
     with pytest.raises(RuntimeError, match="Expected more than 1 value per channel"):
         torch.ops.skipfast.bn_act_train(torch.randn(1, 3, 1, 1), None, None, None, 1e-5, True)
+    # the eager-mode entries check the running statistics before any state changes
+    rm, rv = torch.zeros(3), torch.ones(3)
+    with pytest.raises(ValueError, match="running_var must have 3 values"):
+        torch.ops.skipfast.bn_act_train_eager(x, None, None, None, rm, torch.ones(4), 0.1, 1e-5, True)
+    with pytest.raises(ValueError, match="running_mean and running_var must both be tensors or both be None"):
+        torch.ops.skipfast.bn_act_train_eager(x, None, None, None, rm, None, 0.1, 1e-5, True)
+    assert rm.eq(0).all() and rv.eq(1).all()
+    with pytest.raises(ValueError, match="running_mean must have 3 values"):
+        torch.ops.skipfast.bn_act_eval_eager(x, None, None, None, torch.zeros(2), rv, 1e-5, True)
+    with pytest.raises(RuntimeError, match="residual must have shape"):
+        torch.ops.skipfast.bn_act_eval_eager(x, None, None, x[:1], rm, rv, 1e-5, True)
 
 
 def test_reference_backend_is_forced_by_env():

@@ -52,28 +52,34 @@ class BatchNormAct2d(nn.BatchNorm2d):
 
     def _prepare(self, x, residual):
         """nn.BatchNorm2d.forward's bookkeeping, with num_batches_tracked counted only after
-        the inputs are accepted (a rejected call leaves every buffer unchanged)."""
+        the inputs are accepted (a rejected call leaves every buffer unchanged). Returns
+        (x, residual, training, weight, bias, running_mean, running_var, momentum)."""
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             got = f"{x.dim()}-D input" if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"BatchNormAct2d: x must be a 4-D tensor [N, C, H, W], got {got}")
-        training = self.training or (self.running_mean is None and self.running_var is None)
-        use_running = not self.training or self.track_running_stats
-        running_mean = self.running_mean if use_running else None
-        running_var = self.running_var if use_running else None
+        # Parameters and buffers read from their dicts once (each attribute read goes
+        # through nn.Module.__getattr__, a measurable part of a small layer's host time).
+        params, buffers = self._parameters, self._buffers
+        weight, bias = params["weight"], params["bias"]
+        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+        training = self.training or (running_mean is None and running_var is None)
+        if self.training and not self.track_running_stats:
+            running_mean = running_var = None
         x, residual = bn_act.autocast_promote(x, residual)
-        bn_act._validate(x, self.weight, self.bias, running_mean, running_var, training, 0.0, self.eps, residual,
+        bn_act._validate(x, weight, bias, running_mean, running_var, training, 0.0, self.eps, residual,
                          self.activation)
         momentum = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
+        num_batches_tracked = buffers["num_batches_tracked"]
+        if self.training and self.track_running_stats and num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
             if self.momentum is None:
-                momentum = 1.0 / float(self.num_batches_tracked)
-        return x, residual, training, running_mean, running_var, momentum
+                momentum = 1.0 / float(num_batches_tracked)
+        return x, residual, training, weight, bias, running_mean, running_var, momentum
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        x, residual, training, running_mean, running_var, momentum = self._prepare(x, residual)
-        return bn_act._forward(x, self.weight, self.bias, running_mean, running_var, training, momentum, self.eps,
-                               residual, self.activation)
+        x, residual, training, weight, bias, running_mean, running_var, momentum = self._prepare(x, residual)
+        return bn_act._forward(x, weight, bias, running_mean, running_var, training, momentum, self.eps, residual,
+                               self.activation)
 
     def then_conv(self, x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
         """``conv(self(x))``. In training with ReLU, backward recomputes this module's
@@ -84,10 +90,10 @@ class BatchNormAct2d(nn.BatchNorm2d):
                      and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
         if not recompute:
             return conv(self(x))
-        x, _, training, running_mean, running_var, momentum = self._prepare(x, None)
+        x, _, training, weight, bias, running_mean, running_var, momentum = self._prepare(x, None)
         if not training:
-            return conv(bn_act.batch_norm_act(x, self.weight, self.bias, running_mean, running_var, training=False,
+            return conv(bn_act.batch_norm_act(x, weight, bias, running_mean, running_var, training=False,
                                               eps=self.eps, activation="relu"))
-        return bn_act.batch_norm_relu_conv2d(x, self.weight, self.bias, running_mean, running_var, conv.weight,
+        return bn_act.batch_norm_relu_conv2d(x, weight, bias, running_mean, running_var, conv.weight,
                                              momentum=momentum, eps=self.eps, stride=conv.stride,
                                              padding=conv.padding, dilation=conv.dilation, groups=conv.groups)

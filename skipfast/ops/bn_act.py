@@ -37,9 +37,10 @@ here in Python with in-place torch ops (traceable by torch.compile), after valid
 In eager mode the C++ backend skips these Python layers (about 100 us of host time a call,
 as much as the kernels of a 7x7 ResNet stage): training is one call of
 ``bn_act_train_eager`` (csrc/bn_act_eager.cpp: the kernel, a C++ autograd node with the
-same saved tensors and backward phases, the running-statistics update), and eval calls
-without a graph to record go straight to the kernel. torch.compile traces the registered
-ops.
+same saved tensors and backward phases, the running-statistics update), and eval is one
+call of ``bn_act_eval_eager`` (the inverse standard deviation of the running variance, then
+``bn_act_apply``, below autograd when no gradient is wanted). torch.compile traces the
+registered ops.
 """
 from __future__ import annotations
 
@@ -155,17 +156,15 @@ def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps
     if training:
         if _eager_cpp(backend):
             # kernel, autograd node and running-statistics update in one C++ call
-            return torch.ops.skipfast.bn_act_train_eager(x, w, b, residual, running_mean, running_var,
-                                                         float(momentum), float(eps), relu)
+            return _TRAIN_EAGER(x, w, b, residual, running_mean, running_var, float(momentum), float(eps), relu)
         out, mean, var, _invstd, _mask = ops.train(x, w, b, residual, float(eps), relu)
         if running_mean is not None:
             _update_running(running_mean, running_var, mean, var, momentum, x.numel() // x.shape[1])
         return out
+    if _eager_cpp(backend):
+        # invstd and the apply kernel in one C++ call (below autograd when no gradient is wanted)
+        return _EVAL_EAGER(x, w, b, residual, running_mean, running_var, float(eps), relu)
     mean, invstd = running_mean.to(sd), torch.rsqrt(running_var.to(sd) + eps)
-    if _eager_cpp(backend) and not (torch.is_grad_enabled()
-                                    and torch._C._any_requires_grad(x, mean, invstd, w, b, residual)):
-        with torch._C._AutoDispatchBelowAutograd():
-            return ops.apply(x, mean, invstd, w, b, residual, relu)[0]
     return ops.apply(x, mean, invstd, w, b, residual, relu)[0]
 
 
@@ -266,6 +265,9 @@ def _op_set(suffix: str) -> types.SimpleNamespace:
 
 if _backend.has_extension():
     _OPS["cpp"] = _op_set("")
+    # the eager-mode entries, as overloads (called without the packet's overload lookup)
+    _TRAIN_EAGER = torch.ops.skipfast.bn_act_train_eager.default
+    _EVAL_EAGER = torch.ops.skipfast.bn_act_eval_eager.default
 
     def _channel(x):
         return x.new_empty((x.shape[1],), dtype=stat_dtype(x))
