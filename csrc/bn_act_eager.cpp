@@ -100,18 +100,18 @@ struct TrainFn : public torch::autograd::Function<TrainFn> {
 };
 
 // running_mean and running_var: both absent or both 1-D tensors of C floating-point values
-// on x's device (any floating dtype: they are updated in their own).
-void check_running(const char* op, const Tensor& x, const OptTensor& running_mean, const OptTensor& running_var) {
+// on `device` (any floating dtype: they are updated in their own).
+void check_running(const char* op, int64_t C, const c10::Device& device, const OptTensor& running_mean,
+                   const OptTensor& running_var) {
   TORCH_CHECK_VALUE(bool(bn_act::opt(running_mean)) == bool(bn_act::opt(running_var)), op,
                     ": running_mean and running_var must both be tensors or both be None");
   for (const auto& [name, t] : {std::pair{"running_mean", bn_act::opt(running_mean)},
                                 std::pair{"running_var", bn_act::opt(running_var)}}) {
     if (t == nullptr) continue;
-    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == x.size(1), op, ": ", name, " must have ", x.size(1),
-                      " values (one per channel of x), got shape ", t->sizes());
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == C, op, ": ", name, " must have ", C,
+                      " values (one per channel), got shape ", t->sizes());
     check_floating(op, name, *t);
-    TORCH_CHECK_VALUE(t->device() == x.device(), op, ": ", name, " must be on the device of x (", x.device(),
-                      "), got ", t->device());
+    TORCH_CHECK_VALUE(t->device() == device, op, ": ", name, " must be on ", device, ", got ", t->device());
   }
 }
 
@@ -143,7 +143,7 @@ Tensor train_eager(const Tensor& x, const OptTensor& weight, const OptTensor& bi
   constexpr const char* op = "skipfast.bn_act_train_eager";
   bn_act::check_x(op, x);
   bn_act::check_train_args(op, x, weight, bias, residual);
-  check_running(op, x, running_mean, running_var);
+  check_running(op, x.size(1), x.device(), running_mean, running_var);
   auto outs = TrainFn::apply(x, weight, bias, residual, eps, relu);
   if (bn_act::opt(running_mean)) {
     const double n = double(x.numel() / x.size(1));
@@ -153,6 +153,20 @@ Tensor train_eager(const Tensor& x, const OptTensor& weight, const OptTensor& bi
   return outs[0];
 }
 
+// The running-statistics update of a training step whose kernels ran elsewhere (the BN +
+// ReLU + convolution path of skipfast/ops/bn_act.py): one call instead of four in-place ops.
+void update_running_eager(const Tensor& running_mean, const Tensor& running_var, const Tensor& mean,
+                          const Tensor& var, double momentum, int64_t count) {
+  constexpr const char* op = "skipfast.bn_act_update_running";
+  TORCH_CHECK_VALUE(count > 1, op, ": count must be above 1 (values per channel), got ", count);
+  TORCH_CHECK_VALUE(mean.dim() == 1 && var.sizes() == mean.sizes() && mean.device() == var.device(), op,
+                    ": mean and var must be 1-D tensors of one shape on one device, got ", mean.sizes(), " on ",
+                    mean.device(), " and ", var.sizes(), " on ", var.device());
+  check_running(op, mean.size(0), mean.device(), running_mean, running_var);
+  update_running(running_mean, mean, momentum, 1.0);
+  update_running(running_var, var, momentum, double(count) / double(count - 1));
+}
+
 // Eval: bn_act_apply with mean = running_mean and invstd = 1 / sqrt(running_var + eps), in
 // the dtype of the per-channel tensors (float32 CPU: one loop; elsewhere ATen ops, which
 // autograd records when the running statistics require gradients).
@@ -160,7 +174,7 @@ Tensor eval_eager(const Tensor& x, const OptTensor& weight, const OptTensor& bia
                   const Tensor& running_mean, const Tensor& running_var, double eps, bool relu) {
   constexpr const char* op = "skipfast.bn_act_eval_eager";
   bn_act::check_x(op, x);
-  check_running(op, x, running_mean, running_var);
+  check_running(op, x.size(1), x.device(), running_mean, running_var);
   bn_act::check_opt_channel_vector(op, "weight", weight, x);
   bn_act::check_opt_channel_vector(op, "bias", bias, x);
   if (bn_act::opt(residual)) check_same_shape(op, "residual", *residual, x);
@@ -189,6 +203,7 @@ Tensor eval_eager(const Tensor& x, const OptTensor& weight, const OptTensor& bia
 TORCH_LIBRARY_IMPL(skipfast, CompositeImplicitAutograd, m) {
   m.impl("bn_act_train_eager", &train_eager);
   m.impl("bn_act_eval_eager", &eval_eager);
+  m.impl("bn_act_update_running", &update_running_eager);
 }
 
 }  // namespace skipfast

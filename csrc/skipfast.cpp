@@ -49,6 +49,10 @@ TORCH_LIBRARY(skipfast, m) {
   // Eager-mode eval in one call: invstd of the running variance, then bn_act_apply.
   m.def("bn_act_eval_eager(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, Tensor running_mean, "
         "Tensor running_var, float eps, bool relu) -> Tensor");
+  // running = (1 - momentum) * running + momentum * batch (unbiased variance from count values
+  // per channel), in place, in one call.
+  m.def("bn_act_update_running(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, "
+        "float momentum, int count) -> ()");
 
   // ---- dense: concat-free dense blocks ----
   // conv1x1(relu(x * scale + shift), weight): x may be a channel prefix of a channels_last

@@ -92,8 +92,7 @@ class BatchNormAct2d(nn.BatchNorm2d):
             return conv(self(x))
         x, _, training, weight, bias, running_mean, running_var, momentum = self._prepare(x, None)
         if not training:
-            return conv(bn_act.batch_norm_act(x, weight, bias, running_mean, running_var, training=False,
-                                              eps=self.eps, activation="relu"))
-        return bn_act.batch_norm_relu_conv2d(x, weight, bias, running_mean, running_var, conv.weight,
-                                             momentum=momentum, eps=self.eps, stride=conv.stride,
-                                             padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
+            return conv(bn_act._forward(x, weight, bias, running_mean, running_var, False, momentum, self.eps, None,
+                                        "relu"))
+        return bn_act._bn_relu_conv2d(x, weight, bias, running_mean, running_var, conv.weight, momentum, self.eps,
+                                      conv.stride, conv.padding, conv.dilation, conv.groups)

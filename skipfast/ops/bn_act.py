@@ -44,6 +44,7 @@ registered ops.
 """
 from __future__ import annotations
 
+import contextlib
 import types
 
 import torch
@@ -177,6 +178,9 @@ def _eager_cpp(backend):
 
 def _update_running(running_mean, running_var, mean, var, momentum, n):
     """torch's update: running = (1 - momentum) * running + momentum * batch (unbiased var)."""
+    if _backend.has_extension() and _eager_cpp("cpp"):
+        _UPDATE_RUNNING(running_mean, running_var, mean, var, float(momentum), n)  # one C++ call
+        return
     if mean.dtype != running_mean.dtype:
         mean, var = mean.to(running_mean.dtype), var.to(running_var.dtype)
     running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
@@ -268,6 +272,7 @@ if _backend.has_extension():
     # the eager-mode entries, as overloads (called without the packet's overload lookup)
     _TRAIN_EAGER = torch.ops.skipfast.bn_act_train_eager.default
     _EVAL_EAGER = torch.ops.skipfast.bn_act_eval_eager.default
+    _UPDATE_RUNNING = torch.ops.skipfast.bn_act_update_running.default
 
     def _channel(x):
         return x.new_empty((x.shape[1],), dtype=stat_dtype(x))
@@ -349,7 +354,8 @@ class _BnReluConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, conv_weight, eps, stride, padding, dilation, groups, backend):
         ops = _OPS[backend]
-        a, mean, var, invstd, _mask = ops.train(x, weight, bias, None, eps, True)
+        with _below_autograd(backend):  # the op's own (Python) autograd layer has nothing to record here
+            a, mean, var, invstd, _mask = ops.train(x, weight, bias, None, eps, True)
         y = F.conv2d(a, conv_weight, None, stride, padding, dilation, groups)
         ctx.save_for_backward(x, weight, bias, conv_weight, mean, invstd)
         ctx.conv = (stride, padding, dilation, groups)
@@ -362,7 +368,8 @@ class _BnReluConv2d(torch.autograd.Function):
         x, weight, bias, conv_weight, mean, invstd = ctx.saved_tensors
         ops = _OPS[ctx.backend]
         stride, padding, dilation, groups = ctx.conv
-        a, mask = ops.apply(x, mean, invstd, weight, bias, None, True)
+        with _below_autograd(ctx.backend):
+            a, mask = ops.apply(x, mean, invstd, weight, bias, None, True)
         grad_a, grad_cw, _ = torch.ops.aten.convolution_backward(
             grad_y, a, conv_weight, None, stride, padding, dilation, False, [0, 0], groups,
             [True, ctx.needs_input_grad[3], False])
@@ -376,6 +383,14 @@ class _BnReluConv2d(torch.autograd.Function):
         return gx, gw, gb, grad_cw, None, None, None, None, None, None
 
 
+def _below_autograd(backend):
+    """Below the autograd layer where nothing is to be recorded (grad mode off) in plain
+    eager mode; torch.compile and torch.func see the op's registered autograd."""
+    if _eager_cpp(backend) and not torch.is_grad_enabled():
+        return torch._C._AutoDispatchBelowAutograd()
+    return contextlib.nullcontext()
+
+
 def batch_norm_relu_conv2d(x, weight, bias, running_mean, running_var, conv_weight, *, momentum=0.1, eps=1e-5,
                            stride=1, padding=0, dilation=1, groups=1):
     """``F.conv2d(batch_norm_act(x, ..., training=True), conv_weight, None, stride, padding,
@@ -384,15 +399,22 @@ def batch_norm_relu_conv2d(x, weight, bias, running_mean, running_var, conv_weig
     recompute does not apply (no grad, autocast, the reference backend, empty x)."""
     _validate(x, weight, bias, running_mean, running_var, True, momentum, eps, None, "relu")
     _checks.tensor(OP, "conv_weight", conv_weight, dims=4)
+    return _bn_relu_conv2d(x, weight, bias, running_mean, running_var, conv_weight, momentum, eps, stride, padding,
+                           dilation, groups)
+
+
+def _bn_relu_conv2d(x, weight, bias, running_mean, running_var, conv_weight, momentum, eps, stride, padding,
+                    dilation, groups):
+    """batch_norm_relu_conv2d on inputs already validated (BatchNormAct2d.then_conv validates once)."""
     backend = _backend.select("bn_act", x.device)
-    pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
     if (backend == "reference" or x.numel() == 0 or _float64_on_gpu(x) or not torch.is_grad_enabled()
             or torch.is_autocast_enabled(x.device.type)):
-        a = batch_norm_act(x, weight, bias, running_mean, running_var, training=True, momentum=momentum, eps=eps)
+        a = _forward(x, weight, bias, running_mean, running_var, True, momentum, eps, None, "relu")
         return F.conv2d(a, conv_weight, None, stride, padding, dilation, groups)
+    pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
     sd = stat_dtype(x)
-    w = None if weight is None else weight.to(sd)
-    b = None if bias is None else bias.to(sd)
+    w = weight if weight is None or weight.dtype == sd else weight.to(sd)
+    b = bias if bias is None or bias.dtype == sd else bias.to(sd)
     y, mean, var = _BnReluConv2d.apply(x, w, b, conv_weight, float(eps), pair(stride), pair(padding),
                                        pair(dilation), groups, backend)
     if running_mean is not None:
