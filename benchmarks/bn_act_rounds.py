@@ -7,11 +7,18 @@ rounds back to back). Same modules, inputs, correctness check and modes (fwd, fw
 
 Prints a markdown table of medians (ms) and ratios. The heap is held in the steady state
 of benchmarks/conftest.py (SKIPFAST_BENCH_MALLOC=default leaves glibc's settings).
+
+Each round also times a copy of x into a preallocated tensor of its shape and layout (one
+read, one write): the memory ceiling of that round. The "% of copy" column is the fewest
+bytes the fused op must move (forward: x, residual, output and a 1-bit mask; backward adds
+grad_out, x and the mask read, the x and residual gradients written) over skipfast's median
+time, against the copy's bytes over its median time.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 
@@ -45,7 +52,22 @@ def _case(shape, layout, mode):
                 fn(x, r).backward(g)
                 _sync()
         runs[p] = (fresh, run)
+    out = torch.empty_like(x)
+
+    def copy():
+        with torch.no_grad():
+            out.copy_(x)
+        _sync()
+
+    runs["copy"] = (lambda: None, copy)
     return runs
+
+
+def min_bytes(shape, mode):
+    """Fewest bytes the fused op moves (float32): see the module docstring."""
+    n = math.prod(shape)
+    fwd = 3 * 4 * n + n // 8
+    return fwd if mode == "fwd" else fwd + 4 * 4 * n + n // 8
 
 
 def main(argv=None):
@@ -57,7 +79,7 @@ def main(argv=None):
     cases = [(s, lay, m) for s in SHAPES for lay in ("nchw", "channels_last") for m in MODES]
     for i, (shape, layout, mode) in enumerate(cases, 1):
         runs = _case(shape, layout, mode)
-        times = {p: [] for p in PROVIDERS}
+        times = {p: [] for p in runs}
         for k in range(args.rounds + 1):  # round 0 warms up
             for p, (setup, run) in runs.items():
                 setup()
@@ -70,13 +92,15 @@ def main(argv=None):
                             times_ms=times, threads=torch.get_num_threads(), device=str(DEVICE)))
         print(f"[{i}/{len(cases)}] {shape} {layout} {mode}: " +
               ", ".join(f"{p} {med[p]:.3f}" for p in PROVIDERS), flush=True)
-    print("\n| shape | layout | mode | eager | compile | skipfast | vs eager | vs compile |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
+    print("\n| shape | layout | mode | eager | compile | skipfast | vs eager | vs compile | % of copy |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
         m = r["median_ms"]
+        copy_rate = 2 * 4 * math.prod(r["shape"]) / m["copy"]
+        r["skipfast_share_of_copy"] = min_bytes(r["shape"], r["mode"]) / m["skipfast"] / copy_rate
         print(f"| {'x'.join(map(str, r['shape']))} | {r['layout']} | {r['mode']} | {m['eager']:.2f} | "
               f"{m['compile']:.2f} | {m['skipfast']:.2f} | {m['eager'] / m['skipfast']:.2f}x | "
-              f"{m['compile'] / m['skipfast']:.2f}x |")
+              f"{m['compile'] / m['skipfast']:.2f}x | {100 * r['skipfast_share_of_copy']:.0f}% |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -12,6 +12,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "bn_act.h"
 
@@ -99,6 +100,62 @@ struct TrainFn : public torch::autograd::Function<TrainFn> {
   }
 };
 
+// conv2d(relu(bn(x)), conv_weight) in training, saving x and the per-channel statistics but
+// not the activation: backward recomputes it with one apply pass. The same as _BnReluConv2d
+// of skipfast/ops/bn_act.py (which torch.compile and the other backends take). Forward
+// returns (y, mean, var); mean and var are not differentiable.
+struct BnReluConvFn : public torch::autograd::Function<BnReluConvFn> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const OptTensor& weight,
+                               const OptTensor& bias, const Tensor& conv_weight, double eps,
+                               std::vector<int64_t> stride, std::vector<int64_t> padding,
+                               std::vector<int64_t> dilation, int64_t groups) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [a, mean, var, invstd, mask] = train_op().call(x, weight, bias, std::nullopt, eps, true);
+    Tensor y = at::conv2d(a, conv_weight, {}, stride, padding, dilation, groups);
+    ctx->save_for_backward({x, weight.value_or(Tensor()), bias.value_or(Tensor()), conv_weight, mean, invstd});
+    ctx->saved_data["stride"] = stride;
+    ctx->saved_data["padding"] = padding;
+    ctx->saved_data["dilation"] = dilation;
+    ctx->saved_data["groups"] = groups;
+    // bit i: input i of (x, weight, bias, conv_weight) wants a gradient
+    auto wants = [](const OptTensor& t) { return t && t->requires_grad(); };
+    ctx->saved_data["needs"] = int64_t(x.requires_grad()) | int64_t(wants(weight)) << 1 |
+                               int64_t(wants(bias)) << 2 | int64_t(conv_weight.requires_grad()) << 3;
+    ctx->mark_non_differentiable({mean, var});
+    ctx->set_materialize_grads(false);
+    return {y, mean, var};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &weight = saved[1], &bias = saved[2], &conv_weight = saved[3], &mean = saved[4],
+                 &invstd = saved[5];
+    const int64_t needs = ctx->saved_data["needs"].toInt();
+    const bool need_x = needs & 1, need_w = needs & 2, need_b = needs & 4, need_cw = needs & 8;
+    const Tensor& grad_y = grads[0];
+    variable_list result(9);
+    if (!grad_y.defined()) return result;
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [a, mask] = apply_op().call(x, mean, invstd, opt_if(weight), opt_if(bias), std::nullopt, true);
+    const bool need_bn = need_x || need_w || need_b;
+    auto [grad_a, grad_cw, unused] = at::convolution_backward(
+        grad_y, a, conv_weight, std::nullopt, ctx->saved_data["stride"].toIntVector(),
+        ctx->saved_data["padding"].toIntVector(), ctx->saved_data["dilation"].toIntVector(), false, {0, 0},
+        ctx->saved_data["groups"].toInt(), {need_bn, need_cw, false});
+    if (need_bn) {
+      auto [sum_dy, sum_dy_xhat] = reduce_op().call(grad_a, x, mean, invstd, mask);
+      if (need_x) {
+        result[0] = std::get<0>(elemt_op().call(grad_a, x, mean, invstd, opt_if(weight), mask, sum_dy, sum_dy_xhat,
+                                                x.numel() / x.size(1), false));
+      }
+      if (need_w) result[1] = sum_dy_xhat;
+      if (need_b) result[2] = sum_dy;
+    }
+    if (need_cw) result[3] = grad_cw;
+    return result;
+  }
+};
+
 // running_mean and running_var: both absent or both 1-D tensors of C floating-point values
 // on `device` (any floating dtype: they are updated in their own).
 void check_running(const char* op, int64_t C, const c10::Device& device, const OptTensor& running_mean,
@@ -117,7 +174,8 @@ void check_running(const char* op, int64_t C, const c10::Device& device, const O
 
 // The float32 CPU tensors that the loops below read and write in place of ATen ops.
 bool plain_cpu_float(const Tensor& t) {
-  return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && !t.requires_grad();
+  return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && !t.requires_grad() &&
+         !t.is_inference();
 }
 
 // running = (1 - momentum) * running + momentum * factor * batch, in place: a loop for
@@ -145,6 +203,31 @@ Tensor train_eager(const Tensor& x, const OptTensor& weight, const OptTensor& bi
   bn_act::check_train_args(op, x, weight, bias, residual);
   check_running(op, x.size(1), x.device(), running_mean, running_var);
   auto outs = TrainFn::apply(x, weight, bias, residual, eps, relu);
+  if (bn_act::opt(running_mean)) {
+    const double n = double(x.numel() / x.size(1));
+    update_running(*running_mean, outs[1], momentum, 1.0);
+    update_running(*running_var, outs[2], momentum, n / (n - 1));
+  }
+  return outs[0];
+}
+
+// conv2d(relu(bn(x)), conv_weight) in training (BnReluConvFn), then the running-statistics
+// update. Every argument is checked before any state changes.
+Tensor relu_conv2d_eager(const Tensor& x, const OptTensor& weight, const OptTensor& bias,
+                         const OptTensor& running_mean, const OptTensor& running_var, const Tensor& conv_weight,
+                         double momentum, double eps, at::IntArrayRef stride, at::IntArrayRef padding,
+                         at::IntArrayRef dilation, int64_t groups) {
+  constexpr const char* op = "skipfast.bn_act_relu_conv2d_eager";
+  bn_act::check_x(op, x);
+  bn_act::check_train_args(op, x, weight, bias, std::nullopt);
+  check_running(op, x.size(1), x.device(), running_mean, running_var);
+  TORCH_CHECK_VALUE(conv_weight.dim() == 4 && conv_weight.scalar_type() == x.scalar_type() &&
+                        conv_weight.device() == x.device(),
+                    op, ": conv_weight must be a 4-D tensor of the dtype and device of x (", x.scalar_type(), ", ",
+                    x.device(), "), got ", conv_weight.dim(), "-D ", conv_weight.scalar_type(), " on ",
+                    conv_weight.device());
+  auto outs = BnReluConvFn::apply(x, weight, bias, conv_weight, eps, stride.vec(), padding.vec(), dilation.vec(),
+                                  groups);
   if (bn_act::opt(running_mean)) {
     const double n = double(x.numel() / x.size(1));
     update_running(*running_mean, outs[1], momentum, 1.0);
@@ -204,6 +287,7 @@ TORCH_LIBRARY_IMPL(skipfast, CompositeImplicitAutograd, m) {
   m.impl("bn_act_train_eager", &train_eager);
   m.impl("bn_act_eval_eager", &eval_eager);
   m.impl("bn_act_update_running", &update_running_eager);
+  m.impl("bn_act_relu_conv2d_eager", &relu_conv2d_eager);
 }
 
 }  // namespace skipfast

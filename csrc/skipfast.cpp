@@ -49,6 +49,11 @@ TORCH_LIBRARY(skipfast, m) {
   // Eager-mode eval in one call: invstd of the running variance, then bn_act_apply.
   m.def("bn_act_eval_eager(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, Tensor running_mean, "
         "Tensor running_var, float eps, bool relu) -> Tensor");
+  // Eager-mode training of conv2d(relu(bn(x)), conv_weight) in one call: the activation is
+  // recomputed in backward, not kept (skipfast/ops/bn_act.py, batch_norm_relu_conv2d).
+  m.def("bn_act_relu_conv2d_eager(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+        "Tensor(b!)? running_var, Tensor conv_weight, float momentum, float eps, int[2] stride, int[2] padding, "
+        "int[2] dilation, int groups) -> Tensor");
   // running = (1 - momentum) * running + momentum * batch (unbiased variance from count values
   // per channel), in place, in one call.
   m.def("bn_act_update_running(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, "

@@ -106,20 +106,24 @@ def select(family: str, device: torch.device) -> str:
         if why is not None:
             raise RuntimeError(f"skipfast.{family}: SKIPFAST_BACKEND={forced} cannot run on {device}: {why}")
         return forced
+    if torch.compiler.is_compiling():  # traced once per graph; a memo read there would be a guard
+        return _first_available(family, device)
     key = (family, device.type)
     backend = _CHOSEN.get(key)
     if backend is None:
-        backend = "reference"
-        for b in CUDA_PRIORITY.get(family, DEFAULT_CUDA_PRIORITY) if device.type == "cuda" else ("cpp",):
-            if _why_not(b, device) is None:
-                backend = b
-                break
-        _CHOSEN[key] = backend
+        backend = _CHOSEN[key] = _first_available(family, device)
     return backend
 
 
-# select()'s unforced choices, per (family, device type): they depend on nothing that changes
-# while the process runs, and select() runs on every op call.
+def _first_available(family: str, device: torch.device) -> str:
+    for backend in CUDA_PRIORITY.get(family, DEFAULT_CUDA_PRIORITY) if device.type == "cuda" else ("cpp",):
+        if _why_not(backend, device) is None:
+            return backend
+    return "reference"
+
+
+# select()'s unforced choices in eager mode, per (family, device type): they depend on
+# nothing that changes while the process runs, and select() runs on every op call.
 _CHOSEN: dict[tuple[str, str], str] = {}
 
 

@@ -111,6 +111,24 @@ def test_backend_choice_traces_under_compile(name, monkeypatch):
         assert chosen(torch.zeros(3)).tolist() == [1.0, 1.0, 1.0]
 
 
+def test_backend_memo_does_not_recompile(monkeypatch):
+    """select()'s eager-mode memo is not read while tracing: filling it later does not
+    invalidate a compiled graph (no recompile)."""
+    monkeypatch.delenv("SKIPFAST_BACKEND", raising=False)
+    monkeypatch.setattr(skipfast._backend, "_CHOSEN", {})
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def chosen(x):
+        return x + (1.0 if skipfast._backend.select("add_relu", x.device) == "cpp" else 2.0)
+
+    assert chosen(torch.zeros(3)).tolist() == [1.0, 1.0, 1.0]
+    assert skipfast._backend.select("add_relu", torch.device("cpu")) == "cpp"  # eager: fills the memo
+    assert ("add_relu", "cpu") in skipfast._backend._CHOSEN
+    with torch.compiler.set_stance("fail_on_recompile"):
+        assert chosen(torch.zeros(3)).tolist() == [1.0, 1.0, 1.0]
+
+
 @pytest.mark.parametrize(
     "x, r, err, match",
     [

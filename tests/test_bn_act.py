@@ -504,6 +504,39 @@ def test_module_bad_input_leaves_buffers_unchanged():
         assert torch.equal(v, state[k]), k
 
 
+def test_module_with_pruned_weight_matches_torch():
+    """Pruning replaces the weight parameter with an attribute (weight_orig * weight_mask): the
+    module reads it as nn.BatchNorm2d does."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    bn, fused = torch.nn.BatchNorm2d(6), skipfast.BatchNormAct2d(6)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+    fused.load_state_dict(bn.state_dict())
+    for m in (bn, fused):
+        prune.l1_unstructured(m, "weight", amount=0.5)
+    assert "weight" not in fused._parameters
+    x, r = torch.randn(3, 6, 4, 4), torch.randn(3, 6, 4, 4)
+    for train in (True, False):
+        bn.train(train), fused.train(train)
+        torch.testing.assert_close(fused(x, r), torch.relu(bn(x) + r), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused.running_var, bn.running_var)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_module_under_fake_tensor_mode(training):
+    """FakeTensorMode (shape propagation, export) takes the registered ops and their fake
+    kernels, not the eager C++ entries, which read data."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    m = skipfast.BatchNormAct2d(4, track_running_stats=not training).train(training)
+    x = torch.randn(2, 4, 3, 3).to(memory_format=CL)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        y = m(mode.from_tensor(x), mode.from_tensor(x))
+    assert isinstance(y, FakeTensor) and y.shape == x.shape and y.is_contiguous(memory_format=CL)
+
+
 def test_one_value_per_channel_raises_like_torch():
     x = torch.randn(1, 4, 1, 1)
     with pytest.raises(ValueError, match=r"Expected more than 1 value per channel when training, got input size"):
@@ -536,6 +569,15 @@ def test_cpp_kernels_reject_bad_input_themselves():
         torch.ops.skipfast.bn_act_eval_eager(x, None, None, None, torch.zeros(2), rv, 1e-5, True)
     with pytest.raises(RuntimeError, match="residual must have shape"):
         torch.ops.skipfast.bn_act_eval_eager(x, None, None, x[:1], rm, rv, 1e-5, True)
+    with pytest.raises(ValueError, match="conv_weight must be a 4-D tensor of the dtype and device of x"):
+        torch.ops.skipfast.bn_act_relu_conv2d_eager(x, None, None, rm, rv, torch.randn(4, 3, 3, 3).double(), 0.1,
+                                                    1e-5, [1, 1], [1, 1], [1, 1], 1)
+    with pytest.raises(ValueError, match="running_mean must have 3 values"):
+        torch.ops.skipfast.bn_act_relu_conv2d_eager(x, None, None, torch.zeros(4), rv, torch.randn(4, 3, 3, 3), 0.1,
+                                                    1e-5, [1, 1], [1, 1], [1, 1], 1)
+    with pytest.raises(ValueError, match="count must be above 1"):
+        torch.ops.skipfast.bn_act_update_running(rm, rv, torch.zeros(3), torch.ones(3), 0.1, 1)
+    assert rm.eq(0).all() and rv.eq(1).all()
 
 
 def test_reference_backend_is_forced_by_env():
@@ -637,6 +679,32 @@ def test_triton_launchers_match_reference(shape, cl):
     xs = _x((2, 4, 8, 8), dtype=torch.float32, cl=cl, scale=1e-2, offset=1e4)
     mean, var = tk.stats(xs)
     torch.testing.assert_close(var.double(), xs.double().var((0, 2, 3), unbiased=False), rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("wants", [(True, False, False), (False, True, False), (False, False, True)])
+def test_bn_relu_conv_gradients_for_any_subset_of_inputs(wants):
+    """The eager BN + ReLU + convolution op's C++ autograd node: gradients of exactly the
+    inputs that want one (x, the BN parameters, the convolution weight), against float64."""
+    torch.manual_seed(0)
+    want_x, want_bn, want_cw = wants
+    bn, conv = torch.nn.BatchNorm2d(6).double(), torch.nn.Conv2d(6, 5, 3, padding=1, bias=False).double()
+    fused, fconv = skipfast.BatchNormAct2d(6), torch.nn.Conv2d(6, 5, 3, padding=1, bias=False)
+    fused.load_state_dict(bn.state_dict()), fconv.load_state_dict(conv.state_dict())
+    for p in (*bn.parameters(), *fused.parameters()):
+        p.requires_grad_(want_bn)
+    for p in (conv.weight, fconv.weight):
+        p.requires_grad_(want_cw)
+    x = _x((4, 6, 5, 5))
+    x1, x2 = x.clone().requires_grad_(want_x), x.float().requires_grad_(want_x)
+    y_ref, y = conv(torch.relu(bn(x1))), fused.then_conv(x2, fconv)
+    g = torch.randn(y.shape, dtype=torch.float64)
+    y_ref.backward(g), y.backward(g.float())
+    for got, want in ((x2.grad, x1.grad), (fused.weight.grad, bn.weight.grad), (fused.bias.grad, bn.bias.grad),
+                      (fconv.weight.grad, conv.weight.grad)):
+        assert (got is None) == (want is None)
+        if want is not None:
+            assert_close_fp32(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fused.running_var.double(), bn.running_var, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("cl", [False, True])

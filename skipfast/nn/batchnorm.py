@@ -57,11 +57,14 @@ class BatchNormAct2d(nn.BatchNorm2d):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             got = f"{x.dim()}-D input" if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"BatchNormAct2d: x must be a 4-D tensor [N, C, H, W], got {got}")
-        # Parameters and buffers read from their dicts once (each attribute read goes
-        # through nn.Module.__getattr__, a measurable part of a small layer's host time).
+        # Parameters and buffers read once, from their dicts where they are registered there
+        # (each attribute read goes through nn.Module.__getattr__, a measurable part of a small
+        # layer's host time); pruning and parametrizations replace them with attributes.
         params, buffers = self._parameters, self._buffers
-        weight, bias = params["weight"], params["bias"]
-        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+        weight = params["weight"] if "weight" in params else self.weight
+        bias = params["bias"] if "bias" in params else self.bias
+        running_mean = buffers["running_mean"] if "running_mean" in buffers else self.running_mean
+        running_var = buffers["running_var"] if "running_var" in buffers else self.running_var
         training = self.training or (running_mean is None and running_var is None)
         if self.training and not self.track_running_stats:
             running_mean = running_var = None
@@ -69,7 +72,8 @@ class BatchNormAct2d(nn.BatchNorm2d):
         bn_act._validate(x, weight, bias, running_mean, running_var, training, 0.0, self.eps, residual,
                          self.activation)
         momentum = 0.0 if self.momentum is None else self.momentum
-        num_batches_tracked = buffers["num_batches_tracked"]
+        num_batches_tracked = (buffers["num_batches_tracked"] if "num_batches_tracked" in buffers
+                               else self.num_batches_tracked)
         if self.training and self.track_running_stats and num_batches_tracked is not None:
             num_batches_tracked.add_(1)
             if self.momentum is None:

@@ -39,12 +39,12 @@ as much as the kernels of a 7x7 ResNet stage): training is one call of
 ``bn_act_train_eager`` (csrc/bn_act_eager.cpp: the kernel, a C++ autograd node with the
 same saved tensors and backward phases, the running-statistics update), and eval is one
 call of ``bn_act_eval_eager`` (the inverse standard deviation of the running variance, then
-``bn_act_apply``, below autograd when no gradient is wanted). torch.compile traces the
-registered ops.
+``bn_act_apply``, below autograd when no gradient is wanted), and so is the BN + ReLU +
+convolution of ``batch_norm_relu_conv2d`` (``bn_act_relu_conv2d_eager``, the C++ form of
+``_BnReluConv2d``). torch.compile traces the registered ops.
 """
 from __future__ import annotations
 
-import contextlib
 import types
 
 import torch
@@ -155,30 +155,32 @@ def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps
     w = weight if weight is None or weight.dtype == sd else weight.to(sd)
     b = bias if bias is None or bias.dtype == sd else bias.to(sd)
     if training:
-        if _eager_cpp(backend):
+        if _eager_cpp(backend, x):
             # kernel, autograd node and running-statistics update in one C++ call
             return _TRAIN_EAGER(x, w, b, residual, running_mean, running_var, float(momentum), float(eps), relu)
         out, mean, var, _invstd, _mask = ops.train(x, w, b, residual, float(eps), relu)
         if running_mean is not None:
             _update_running(running_mean, running_var, mean, var, momentum, x.numel() // x.shape[1])
         return out
-    if _eager_cpp(backend):
+    if _eager_cpp(backend, x):
         # invstd and the apply kernel in one C++ call (below autograd when no gradient is wanted)
         return _EVAL_EAGER(x, w, b, residual, running_mean, running_var, float(eps), relu)
     mean, invstd = running_mean.to(sd), torch.rsqrt(running_var.to(sd) + eps)
     return ops.apply(x, mean, invstd, w, b, residual, relu)[0]
 
 
-def _eager_cpp(backend):
-    """The C++ ops may be called below autograd / through ``bn_act_train_eager``: plain eager
-    mode (not traced by torch.compile, no torch.func transform, which take the registered ops)."""
-    return (backend == "cpp" and not torch.compiler.is_compiling()
-            and not torch._C._are_functorch_transforms_active())
+def _eager_cpp(backend, x):
+    """The C++ ops may be called below autograd / through the ``bn_act_*_eager`` entries:
+    plain eager mode on plain tensors (not traced by torch.compile, no torch.func transform,
+    no tensor subclass or dispatch mode such as FakeTensorMode, which take the registered
+    ops and their fake kernels)."""
+    return (backend == "cpp" and type(x) is torch.Tensor and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active() and torch._C._len_torch_dispatch_stack() == 0)
 
 
 def _update_running(running_mean, running_var, mean, var, momentum, n):
     """torch's update: running = (1 - momentum) * running + momentum * batch (unbiased var)."""
-    if _backend.has_extension() and _eager_cpp("cpp"):
+    if _backend.has_extension() and _eager_cpp("cpp", running_mean):
         _UPDATE_RUNNING(running_mean, running_var, mean, var, float(momentum), n)  # one C++ call
         return
     if mean.dtype != running_mean.dtype:
@@ -273,6 +275,7 @@ if _backend.has_extension():
     _TRAIN_EAGER = torch.ops.skipfast.bn_act_train_eager.default
     _EVAL_EAGER = torch.ops.skipfast.bn_act_eval_eager.default
     _UPDATE_RUNNING = torch.ops.skipfast.bn_act_update_running.default
+    _RELU_CONV2D_EAGER = torch.ops.skipfast.bn_act_relu_conv2d_eager.default
 
     def _channel(x):
         return x.new_empty((x.shape[1],), dtype=stat_dtype(x))
@@ -354,8 +357,7 @@ class _BnReluConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, conv_weight, eps, stride, padding, dilation, groups, backend):
         ops = _OPS[backend]
-        with _below_autograd(backend):  # the op's own (Python) autograd layer has nothing to record here
-            a, mean, var, invstd, _mask = ops.train(x, weight, bias, None, eps, True)
+        a, mean, var, invstd, _mask = ops.train(x, weight, bias, None, eps, True)
         y = F.conv2d(a, conv_weight, None, stride, padding, dilation, groups)
         ctx.save_for_backward(x, weight, bias, conv_weight, mean, invstd)
         ctx.conv = (stride, padding, dilation, groups)
@@ -368,8 +370,7 @@ class _BnReluConv2d(torch.autograd.Function):
         x, weight, bias, conv_weight, mean, invstd = ctx.saved_tensors
         ops = _OPS[ctx.backend]
         stride, padding, dilation, groups = ctx.conv
-        with _below_autograd(ctx.backend):
-            a, mask = ops.apply(x, mean, invstd, weight, bias, None, True)
+        a, mask = ops.apply(x, mean, invstd, weight, bias, None, True)
         grad_a, grad_cw, _ = torch.ops.aten.convolution_backward(
             grad_y, a, conv_weight, None, stride, padding, dilation, False, [0, 0], groups,
             [True, ctx.needs_input_grad[3], False])
@@ -381,14 +382,6 @@ class _BnReluConv2d(torch.autograd.Function):
         gw = sum_dy_xhat if weight is not None and ctx.needs_input_grad[1] else None
         gb = sum_dy if bias is not None and ctx.needs_input_grad[2] else None
         return gx, gw, gb, grad_cw, None, None, None, None, None, None
-
-
-def _below_autograd(backend):
-    """Below the autograd layer where nothing is to be recorded (grad mode off) in plain
-    eager mode; torch.compile and torch.func see the op's registered autograd."""
-    if _eager_cpp(backend) and not torch.is_grad_enabled():
-        return torch._C._AutoDispatchBelowAutograd()
-    return contextlib.nullcontext()
 
 
 def batch_norm_relu_conv2d(x, weight, bias, running_mean, running_var, conv_weight, *, momentum=0.1, eps=1e-5,
@@ -415,6 +408,10 @@ def _bn_relu_conv2d(x, weight, bias, running_mean, running_var, conv_weight, mom
     sd = stat_dtype(x)
     w = weight if weight is None or weight.dtype == sd else weight.to(sd)
     b = bias if bias is None or bias.dtype == sd else bias.to(sd)
+    if _eager_cpp(backend, x):
+        # the same autograd node in C++, and the running-statistics update, in one call
+        return _RELU_CONV2D_EAGER(x, w, b, running_mean, running_var, conv_weight, float(momentum), float(eps),
+                                  pair(stride), pair(padding), pair(dilation), groups)
     y, mean, var = _BnReluConv2d.apply(x, w, b, conv_weight, float(eps), pair(stride), pair(padding),
                                        pair(dilation), groups, backend)
     if running_mean is not None:
