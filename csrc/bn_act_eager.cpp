@@ -193,8 +193,18 @@ void update_running(const Tensor& running, const Tensor& batch, double momentum,
   running.mul_(1 - momentum).add_(batch.to(running.scalar_type()), momentum * factor);
 }
 
-// running = (1 - momentum) * running + momentum * batch (unbiased variance), as torch.
-// Every argument is checked before any state changes.
+// Both running statistics, when given, from a batch's mean and biased variance over `count`
+// values per channel: running = (1 - momentum) * running + momentum * batch (unbiased
+// variance), as torch.
+void update_running_stats(const OptTensor& running_mean, const OptTensor& running_var, const Tensor& mean,
+                          const Tensor& var, double momentum, int64_t count) {
+  if (!bn_act::opt(running_mean)) return;
+  update_running(*running_mean, mean, momentum, 1.0);
+  update_running(*running_var, var, momentum, double(count) / double(count - 1));
+}
+
+// Training: the kernel and its autograd node, then the running statistics. Every argument is
+// checked before any state changes.
 Tensor train_eager(const Tensor& x, const OptTensor& weight, const OptTensor& bias, const OptTensor& residual,
                    const OptTensor& running_mean, const OptTensor& running_var, double momentum, double eps,
                    bool relu) {
@@ -203,11 +213,7 @@ Tensor train_eager(const Tensor& x, const OptTensor& weight, const OptTensor& bi
   bn_act::check_train_args(op, x, weight, bias, residual);
   check_running(op, x.size(1), x.device(), running_mean, running_var);
   auto outs = TrainFn::apply(x, weight, bias, residual, eps, relu);
-  if (bn_act::opt(running_mean)) {
-    const double n = double(x.numel() / x.size(1));
-    update_running(*running_mean, outs[1], momentum, 1.0);
-    update_running(*running_var, outs[2], momentum, n / (n - 1));
-  }
+  update_running_stats(running_mean, running_var, outs[1], outs[2], momentum, x.numel() / x.size(1));
   return outs[0];
 }
 
@@ -228,11 +234,7 @@ Tensor relu_conv2d_eager(const Tensor& x, const OptTensor& weight, const OptTens
                     conv_weight.device());
   auto outs = BnReluConvFn::apply(x, weight, bias, conv_weight, eps, stride.vec(), padding.vec(), dilation.vec(),
                                   groups);
-  if (bn_act::opt(running_mean)) {
-    const double n = double(x.numel() / x.size(1));
-    update_running(*running_mean, outs[1], momentum, 1.0);
-    update_running(*running_var, outs[2], momentum, n / (n - 1));
-  }
+  update_running_stats(running_mean, running_var, outs[1], outs[2], momentum, x.numel() / x.size(1));
   return outs[0];
 }
 
@@ -246,8 +248,7 @@ void update_running_eager(const Tensor& running_mean, const Tensor& running_var,
                     ": mean and var must be 1-D tensors of one shape on one device, got ", mean.sizes(), " on ",
                     mean.device(), " and ", var.sizes(), " on ", var.device());
   check_running(op, mean.size(0), mean.device(), running_mean, running_var);
-  update_running(running_mean, mean, momentum, 1.0);
-  update_running(running_var, var, momentum, double(count) / double(count - 1));
+  update_running_stats(running_mean, running_var, mean, var, momentum, count);
 }
 
 // Eval: bn_act_apply with mean = running_mean and invstd = 1 / sqrt(running_var + eps), in
