@@ -204,6 +204,21 @@ def test_main_job_subprocess(tmp_path):
     assert {r["mode"] for r in doc["results"]} == {"fwd", "bwd", "fwd+bwd", "infer"}
 
 
+def test_host_time_script(tmp_path):
+    """benchmarks/host_time.py runs and writes one row per (what, mode) with both providers timed."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = tmp_path / "host.json"
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "host_time.py"), "--rounds", "1", "--calls", "3",
+                        "--json", str(out)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["what"], r["mode"]) for r in rows] == [
+        (what, mode) for what in ("BN + add + relu", "residual block")
+        for mode in ("eval", "train fwd (no grad)", "train fwd", "train fwd+bwd")]
+    assert all(r["eager_us"] > 0 and r["skipfast_us"] > 0 for r in rows)
+    assert "| residual block | train fwd+bwd |" in p.stdout
+
+
 # ------------------------------------------------------------------ GPU suite, CPU parts
 
 
