@@ -143,10 +143,12 @@ C10_HOST_DEVICE inline T grad_input(T dy_masked, T x, T mean, const BackwardCoef
 }  // namespace bn_act
 }  // namespace skipfast
 
-// ---- host-side argument checks shared by the CPU and CUDA entry points ----
+// ---- host-side argument checks and helpers shared by the CPU and CUDA entry points ----
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
+
+#include <tuple>
 
 #include "common.h"
 
@@ -188,6 +190,14 @@ inline void check_mask(const char* op, const at::Tensor& mask, const at::Tensor&
 inline void check_training_count(const char* op, const at::Tensor& x) {
   TORCH_CHECK(x.size(1) == 0 || x.numel() / x.size(1) > 1, op, ": Expected more than 1 value per channel when training, got input size ",
               x.sizes());
+}
+
+// The output (in xc's layout) and the ReLU mask (1 bit per element; empty without ReLU) of an
+// apply pass over the dense tensor xc.
+inline std::tuple<at::Tensor, at::Tensor> new_out_and_mask(const at::Tensor& xc, bool relu) {
+  auto out = at::empty_like(xc, xc.options().memory_format(layout_of(xc)));
+  auto mask = at::empty({relu ? mask_bytes(xc.numel()) : 0}, xc.options().dtype(at::kByte));
+  return {out, mask};
 }
 
 inline const at::Tensor* opt(const std::optional<at::Tensor>& t) {

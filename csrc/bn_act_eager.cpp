@@ -37,7 +37,8 @@ const auto& train_op() {
 
 const auto& apply_op() {
   static const auto h = op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
-                                                      const OptTensor&, const OptTensor&, bool)>("skipfast::bn_act_apply");
+                                                      const OptTensor&, const OptTensor&, bool)>(
+      "skipfast::bn_act_apply");
   return h;
 }
 
@@ -57,6 +58,8 @@ const auto& elemt_op() {
 
 OptTensor opt_if(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
+bool wants_grad(const OptTensor& t) { return t && t->requires_grad(); }
+
 // Forward returns (out, mean, var); mean and var are not differentiable.
 struct TrainFn : public torch::autograd::Function<TrainFn> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const OptTensor& weight,
@@ -68,9 +71,8 @@ struct TrainFn : public torch::autograd::Function<TrainFn> {
     ctx->save_for_backward({x, weight.value_or(Tensor()), mean, invstd, relu ? mask : Tensor()});
     ctx->saved_data["relu"] = relu;
     // bit i: input i of (x, weight, bias, residual) wants a gradient (the last three may be absent)
-    auto wants = [](const OptTensor& t) { return t && t->requires_grad(); };
-    ctx->saved_data["needs"] = int64_t(x.requires_grad()) | int64_t(wants(weight)) << 1 | int64_t(wants(bias)) << 2 |
-                               int64_t(wants(residual)) << 3;
+    ctx->saved_data["needs"] = int64_t(x.requires_grad()) | int64_t(wants_grad(weight)) << 1 |
+                               int64_t(wants_grad(bias)) << 2 | int64_t(wants_grad(residual)) << 3;
     ctx->mark_non_differentiable({mean, var});
     ctx->set_materialize_grads(false);  // no zero tensors for mean and var's (absent) gradients
     return {out, mean, var};
@@ -118,9 +120,8 @@ struct BnReluConvFn : public torch::autograd::Function<BnReluConvFn> {
     ctx->saved_data["dilation"] = dilation;
     ctx->saved_data["groups"] = groups;
     // bit i: input i of (x, weight, bias, conv_weight) wants a gradient
-    auto wants = [](const OptTensor& t) { return t && t->requires_grad(); };
-    ctx->saved_data["needs"] = int64_t(x.requires_grad()) | int64_t(wants(weight)) << 1 |
-                               int64_t(wants(bias)) << 2 | int64_t(conv_weight.requires_grad()) << 3;
+    ctx->saved_data["needs"] = int64_t(x.requires_grad()) | int64_t(wants_grad(weight)) << 1 |
+                               int64_t(wants_grad(bias)) << 2 | int64_t(conv_weight.requires_grad()) << 3;
     ctx->mark_non_differentiable({mean, var});
     ctx->set_materialize_grads(false);
     return {y, mean, var};
@@ -258,10 +259,7 @@ Tensor eval_eager(const Tensor& x, const OptTensor& weight, const OptTensor& bia
                   const Tensor& running_mean, const Tensor& running_var, double eps, bool relu) {
   constexpr const char* op = "skipfast.bn_act_eval_eager";
   bn_act::check_x(op, x);
-  check_running(op, x.size(1), x.device(), running_mean, running_var);
-  bn_act::check_opt_channel_vector(op, "weight", weight, x);
-  bn_act::check_opt_channel_vector(op, "bias", bias, x);
-  if (bn_act::opt(residual)) check_same_shape(op, "residual", *residual, x);
+  check_running(op, x.size(1), x.device(), running_mean, running_var);  // the apply op checks the rest
   const auto sd = bn_act::stat_dtype(x);
   const Tensor mean = running_mean.to(sd);
   Tensor invstd;
@@ -273,9 +271,8 @@ Tensor eval_eager(const Tensor& x, const OptTensor& weight, const OptTensor& bia
   } else {
     invstd = at::rsqrt(running_var.to(sd) + eps);
   }
-  auto wants = [](const OptTensor& t) { return t && t->requires_grad(); };
   if (at::GradMode::is_enabled() && (x.requires_grad() || mean.requires_grad() || invstd.requires_grad() ||
-                                     wants(weight) || wants(bias) || wants(residual))) {
+                                     wants_grad(weight) || wants_grad(bias) || wants_grad(residual))) {
     return std::get<0>(apply_op().call(x, mean, invstd, weight, bias, residual, relu));  // through autograd
   }
   at::AutoDispatchBelowADInplaceOrView below_autograd;

@@ -21,6 +21,12 @@ inline void check_same_shape(const char* op, const char* name, const at::Tensor&
               " (the device of x), got ", a.device());
 }
 
+// A kernel argument for an optional tensor: its data, or null when it is undefined.
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
 inline void check_floating(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
               " must be a floating-point tensor, got ", t.scalar_type());

@@ -551,11 +551,6 @@ std::vector<Welford<double>> channel_stats(const at::Tensor& xc) {
 // Elementwise passes
 // ---------------------------------------------------------------------------------
 
-template <typename T>
-const T* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<T>() : nullptr;
-}
-
 // out = relu?((x - mean) * scale + bias + residual), mask bits, over segments [s0, s1), for
 // what apply_rows and apply_planes leave: channels_last rows of C % 8 != 0 channels, NCHW
 // planes under 8 elements, float64. Mask bits go through the bit writer. Pointers and sizes
@@ -822,12 +817,6 @@ void apply_impl(const at::Tensor& xc, const at::Tensor& mean, const at::Tensor& 
     };
     g.cl ? run(std::true_type{}) : run(std::false_type{});
   });
-}
-
-std::tuple<at::Tensor, at::Tensor> new_out_and_mask(const at::Tensor& xc, bool relu) {
-  auto out = at::empty_like(xc, xc.options().memory_format(layout_of(xc)));
-  auto mask = at::empty({relu ? mask_bytes(xc.numel()) : 0}, xc.options().dtype(at::kByte));
-  return {out, mask};
 }
 
 // ---------------------------------------------------------------------------------

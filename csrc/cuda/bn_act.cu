@@ -483,11 +483,6 @@ __global__ void elemt_kernel(const scalar_t* __restrict__ dy, const scalar_t* __
 
 // ---- host entry points ----
 
-template <typename T>
-const T* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<T>() : nullptr;
-}
-
 at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
   return opt(t) ? opt(t)->contiguous() : at::Tensor();
 }
@@ -566,8 +561,7 @@ std::tuple<at::Tensor, at::Tensor> apply_cuda(const at::Tensor& x, const at::Ten
   c10::cuda::CUDAGuard guard(x.device());
   const auto fmt = layout_of(x);
   auto xc = x.contiguous(fmt);
-  auto out = at::empty_like(xc, xc.options().memory_format(fmt));
-  auto mask = at::empty({relu ? mask_bytes(x.numel()) : 0}, x.options().dtype(at::kByte));
+  auto [out, mask] = new_out_and_mask(xc, relu);
   auto rc = opt(residual) ? opt(residual)->contiguous(fmt) : at::Tensor();
   apply_into(xc, mean.contiguous(), invstd.contiguous(), contiguous_or_undefined(weight),
              contiguous_or_undefined(bias), rc, out, mask, /*reverse=*/false);
@@ -587,8 +581,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> train_cud
   const int64_t C = x.size(1);
   auto opts = x.options().dtype(at::kFloat);
   auto mean = at::empty({C}, opts), var = at::empty({C}, opts), invstd = at::empty({C}, opts);
-  auto out = at::empty_like(xc, xc.options().memory_format(fmt));
-  auto mask = at::empty({relu ? mask_bytes(x.numel()) : 0}, x.options().dtype(at::kByte));
+  auto [out, mask] = new_out_and_mask(xc, relu);
   if (x.numel() == 0) return {out, mean, var, invstd, mask};
   stats_into(xc, eps, mean, var, &invstd);
   auto rc = opt(residual) ? opt(residual)->contiguous(fmt) : at::Tensor();
