@@ -733,3 +733,94 @@ def test_bn_relu_conv_recompute_matches_eager(cl):
         torch.testing.assert_close(a, b)
     fused.eval(), bn.eval()
     torch.testing.assert_close(fused.then_conv(x, fconv), conv(torch.relu(bn(x))), rtol=1e-4, atol=1e-5)
+
+
+def _has_triton():
+    from skipfast import _backend
+
+    return _backend.has_triton()
+
+
+@pytest.mark.parametrize("name", ["cpp", pytest.param("triton", marks=pytest.mark.skipif(
+    not _has_triton(), reason="triton is not installed"))])
+@pytest.mark.parametrize("training", [True, False])
+def test_torch_func_grad_matches_torchvision(name, training):
+    """torch.func.grad over functional_call of a ResidualBlock (the residual tail, the BN +
+    ReLU + convolution, eval's apply) against torchvision's BasicBlock: gradients of the
+    parameters and the input, and the running statistics (buffers passed as inputs, as
+    torch.func requires of BatchNorm2d)."""
+    import torchvision
+    from torch.func import functional_call, grad
+
+    torch.manual_seed(0)
+    dt = torch.float64 if name == "cpp" else torch.float32  # the Triton kernels compute in float32
+    tol = dict(rtol=1e-7, atol=1e-9) if dt == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    blk, tv = skipfast.ResidualBlock(8).to(dt), torchvision.models.resnet.BasicBlock(8, 8).to(dt)
+    for m in (blk.bn1, blk.bn2):
+        with torch.no_grad():
+            m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 1.5)
+    tv.load_state_dict(blk.state_dict())
+    blk.train(training), tv.train(training)
+    x = torch.randn(3, 8, 5, 5, dtype=dt)
+    params = {k: v.detach() for k, v in blk.named_parameters()}
+
+    def loss(module):
+        return lambda p, b, x: functional_call(module, (p, b), (x,)).square().sum()
+
+    bufs = {k: v.clone() for k, v in blk.named_buffers()}
+    bufs_tv = {k: v.clone() for k, v in tv.named_buffers()}
+    with backend(name):
+        g_p, g_x = grad(loss(blk), argnums=(0, 2))(params, bufs, x)
+    want_p, want_x = grad(loss(tv), argnums=(0, 2))(params, bufs_tv, x)
+    torch.testing.assert_close(g_x, want_x, **tol)
+    for k in params:
+        torch.testing.assert_close(g_p[k], want_p[k], **tol)
+    for k in bufs:
+        torch.testing.assert_close(bufs[k], bufs_tv[k], **tol)
+    if training:
+        assert int(bufs["bn1.num_batches_tracked"]) == 1
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch's loop over the batch for our ops
+def test_torch_func_vmap_in_eval():
+    """vmap over an eval-mode block, and per-sample input gradients through it."""
+    import torchvision
+    from torch.func import grad, vmap
+
+    torch.manual_seed(0)
+    blk = skipfast.ResidualBlock(8).double().eval()
+    tv = torchvision.models.resnet.BasicBlock(8, 8).double().eval()
+    tv.load_state_dict(blk.state_dict())
+    xs = torch.randn(4, 2, 8, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(vmap(blk)(xs), torch.stack([tv(x) for x in xs]))
+    per_sample = vmap(grad(lambda x: blk(x).sum()))(xs)
+    want = torch.stack([torch.autograd.grad(tv(x.requires_grad_()).sum(), x)[0] for x in xs.clone()])
+    torch.testing.assert_close(per_sample, want)
+
+
+class _BnReluConv(torch.nn.Module):
+    def __init__(self, C):
+        super().__init__()
+        self.bn, self.conv = skipfast.BatchNormAct2d(C), torch.nn.Conv2d(C, C, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        return self.bn.then_conv(x, self.conv)
+
+
+@pytest.mark.parametrize("what", ["train", "eval", "train-then_conv"])
+def test_torch_func_double_backward_is_refused(what):
+    """The fused backward is not differentiable: under torch.func a second derivative is an
+    error, not a wrong number (the outer gradient came back as zeros)."""
+    from torch.func import functional_call, grad
+
+    m = (_BnReluConv(4) if what.endswith("then_conv") else skipfast.BatchNormAct2d(4)).double()
+    m.train(what.startswith("train"))
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    bufs = {k: v.clone() for k, v in m.named_buffers()}
+
+    def first(x, b):  # d(loss)/dx
+        return grad(lambda x, b: functional_call(m, b, (x,)).square().sum())(x, b)
+
+    with pytest.raises(RuntimeError, match="second derivatives are not supported"):
+        grad(lambda x, b: first(x, b).square().sum())(x, bufs)

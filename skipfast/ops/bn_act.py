@@ -41,7 +41,11 @@ same saved tensors and backward phases, the running-statistics update), and eval
 call of ``bn_act_eval_eager`` (the inverse standard deviation of the running variance, then
 ``bn_act_apply``, below autograd when no gradient is wanted), and so is the BN + ReLU +
 convolution of ``batch_norm_relu_conv2d`` (``bn_act_relu_conv2d_eager``, the C++ form of
-``_BnReluConv2d``). torch.compile traces the registered ops.
+``_BnReluConv2d``). torch.compile traces the registered ops. Under torch.func transforms
+the same ops run inside ``_TrainFn`` / ``_ApplyFn`` (autograd Functions with a separate
+setup_context and a generated vmap rule, which torch.func requires and the Function that
+register_autograd generates lacks); their backward is not differentiable, and a nested
+transform that would differentiate it is refused.
 """
 from __future__ import annotations
 
@@ -49,6 +53,7 @@ import types
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .. import _backend, _layout
 from . import _checks
@@ -158,7 +163,10 @@ def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps
         if _eager_cpp(backend, x):
             # kernel, autograd node and running-statistics update in one C++ call
             return _TRAIN_EAGER(x, w, b, residual, running_mean, running_var, float(momentum), float(eps), relu)
-        out, mean, var, _invstd, _mask = ops.train(x, w, b, residual, float(eps), relu)
+        if torch._C._are_functorch_transforms_active():
+            out, mean, var, _invstd, _mask = _TrainFn.apply(x, w, b, residual, float(eps), relu, backend)
+        else:
+            out, mean, var, _invstd, _mask = ops.train(x, w, b, residual, float(eps), relu)
         if running_mean is not None:
             _update_running(running_mean, running_var, mean, var, momentum, x.numel() // x.shape[1])
         return out
@@ -166,6 +174,8 @@ def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps
         # invstd and the apply kernel in one C++ call (below autograd when no gradient is wanted)
         return _EVAL_EAGER(x, w, b, residual, running_mean, running_var, float(eps), relu)
     mean, invstd = running_mean.to(sd), torch.rsqrt(running_var.to(sd) + eps)
+    if torch._C._are_functorch_transforms_active():
+        return _ApplyFn.apply(x, mean, invstd, w, b, residual, relu, backend)[0]
     return ops.apply(x, mean, invstd, w, b, residual, relu)[0]
 
 
@@ -251,6 +261,64 @@ def _make_apply_backward(ops):
         return gx if need_x else None, gmean, ginvstd, gw, gb, gr if need_r else None, None
 
     return backward
+
+
+def _refuse_second_derivative():
+    """The fused backward is not differentiable (once_differentiable). Plain autograd then
+    refuses a second derivative itself; under nested torch.func transforms (grad of grad, jvp
+    of grad) the outer one would get zeros instead, so this refuses it."""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    outer = [i for i in retrieve_all_functorch_interpreters() if i.key() in (TransformType.Grad, TransformType.Jvp)]
+    if len(outer) > 1:
+        raise RuntimeError(f"{OP}: second derivatives are not supported (its backward is not differentiable)")
+
+
+class _TrainFn(torch.autograd.Function):
+    """bn_act_train with the registered backward, for torch.func transforms: torch.func
+    takes an autograd.Function only with a separate setup_context (and a vmap rule), which
+    the Function that register_autograd generates for an op does not have.
+    Returns bn_act_train's outputs."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, bias, residual, eps, relu, backend):
+        return _OPS[backend].train(x, weight, bias, residual, eps, relu)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _train_setup_context(ctx, inputs[:6], output)
+        ctx.ops = _OPS[inputs[6]]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, *_):
+        _refuse_second_derivative()
+        return (*_train_grads(ctx, ctx.ops, grad_out), None, None, None)
+
+
+class _ApplyFn(torch.autograd.Function):
+    """bn_act_apply with the registered backward, for torch.func transforms (as _TrainFn).
+    Returns bn_act_apply's outputs."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, mean, invstd, weight, bias, residual, relu, backend):
+        return _OPS[backend].apply(x, mean, invstd, weight, bias, residual, relu)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _apply_setup_context(ctx, inputs[:7], output)
+        ctx.ops = _OPS[inputs[7]]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, grad_mask):
+        _refuse_second_derivative()
+        return (*_make_apply_backward(ctx.ops)(ctx, grad_out, grad_mask), None)
 
 
 def _register_autograd(ops):
@@ -352,21 +420,31 @@ class _BnReluConv2d(torch.autograd.Function):
     """``conv2d(relu(bn(x)), conv_weight)`` in training. Saves x (which the caller keeps
     anyway: it is the previous convolution's output) and per-channel statistics, not the
     activation the convolution reads: backward recomputes it with one bn_act_apply pass.
-    Eager saves x, the activation and the convolution's copy of it; this saves x."""
+    Eager saves x, the activation and the convolution's copy of it; this saves x.
+    Returns (y, mean, var, invstd). Forward and setup_context are separate (with a vmap
+    rule), so torch.func transforms take it too."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x, weight, bias, conv_weight, eps, stride, padding, dilation, groups, backend):
-        ops = _OPS[backend]
-        a, mean, var, invstd, _mask = ops.train(x, weight, bias, None, eps, True)
-        y = F.conv2d(a, conv_weight, None, stride, padding, dilation, groups)
+    def forward(x, weight, bias, conv_weight, eps, stride, padding, dilation, groups, backend):
+        a, mean, var, invstd, _mask = _OPS[backend].train(x, weight, bias, None, eps, True)
+        return F.conv2d(a, conv_weight, None, stride, padding, dilation, groups), mean, var, invstd
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, conv_weight, _eps, stride, padding, dilation, groups, backend = inputs
+        _y, mean, var, invstd = output
         ctx.save_for_backward(x, weight, bias, conv_weight, mean, invstd)
         ctx.conv = (stride, padding, dilation, groups)
         ctx.backend = backend
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
+        ctx.mark_non_differentiable(mean, var, invstd)
 
     @staticmethod
-    def backward(ctx, grad_y, _grad_mean, _grad_var):
+    @once_differentiable
+    def backward(ctx, grad_y, *_):
+        if torch._C._are_functorch_transforms_active():
+            _refuse_second_derivative()
         x, weight, bias, conv_weight, mean, invstd = ctx.saved_tensors
         ops = _OPS[ctx.backend]
         stride, padding, dilation, groups = ctx.conv
@@ -412,8 +490,8 @@ def _bn_relu_conv2d(x, weight, bias, running_mean, running_var, conv_weight, mom
         # the same autograd node in C++, and the running-statistics update, in one call
         return _RELU_CONV2D_EAGER(x, w, b, running_mean, running_var, conv_weight, float(momentum), float(eps),
                                   pair(stride), pair(padding), pair(dilation), groups)
-    y, mean, var = _BnReluConv2d.apply(x, w, b, conv_weight, float(eps), pair(stride), pair(padding),
-                                       pair(dilation), groups, backend)
+    y, mean, var, _invstd = _BnReluConv2d.apply(x, w, b, conv_weight, float(eps), pair(stride), pair(padding),
+                                                pair(dilation), groups, backend)
     if running_mean is not None:
         _update_running(running_mean, running_var, mean, var, momentum, x.numel() // x.shape[1])
     return y
