@@ -67,8 +67,11 @@ class ConvBNAct(nn.Module):
         view, bn = self._bn_act, self.bn
         view.training = bn.training
         for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
-            if getattr(view, name) is not getattr(bn, name):
-                setattr(view, name, getattr(bn, name))
+            t = getattr(bn, name)
+            if getattr(view, name) is not t:
+                # into the view's dicts, not setattr: torch.func.functional_call (and pruning)
+                # give the BN plain tensors where the view registers parameters
+                (view._parameters if name in view._parameters else view._buffers)[name] = t
         return view
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:

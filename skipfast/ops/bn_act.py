@@ -41,11 +41,12 @@ same saved tensors and backward phases, the running-statistics update), and eval
 call of ``bn_act_eval_eager`` (the inverse standard deviation of the running variance, then
 ``bn_act_apply``, below autograd when no gradient is wanted), and so is the BN + ReLU +
 convolution of ``batch_norm_relu_conv2d`` (``bn_act_relu_conv2d_eager``, the C++ form of
-``_BnReluConv2d``). torch.compile traces the registered ops. Under torch.func transforms
-the same ops run inside ``_TrainFn`` / ``_ApplyFn`` (autograd Functions with a separate
-setup_context and a generated vmap rule, which torch.func requires and the Function that
-register_autograd generates lacks); their backward is not differentiable, and a nested
-transform that would differentiate it is refused.
+``_BnReluConv2d``). torch.compile traces the registered ops. Under a single torch.func grad
+level the same ops run inside ``_TrainFn`` / ``_ApplyFn`` (autograd Functions with a
+separate setup_context and a generated vmap rule, which torch.func requires and the Function
+that register_autograd generates lacks); other transforms take the reference
+(skipfast/_backend.py). Their backward is not differentiable: with a forced backend, a
+nested transform that would differentiate it is refused.
 """
 from __future__ import annotations
 
