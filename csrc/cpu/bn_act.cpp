@@ -802,10 +802,12 @@ void apply_impl(const at::Tensor& xc, const at::Tensor& mean, const at::Tensor& 
     auto bc = opt(bias) ? opt(bias)->contiguous() : at::Tensor();
     const acc_t* w = ptr_or_null<acc_t>(wc);
     const acc_t* b = ptr_or_null<acc_t>(bc);
+    const acc_t* mp = mc.const_data_ptr<acc_t>();
+    const acc_t* ip = ic.const_data_ptr<acc_t>();
     auto m = padded<acc_t>(g.C), scale = padded<acc_t>(g.C), shift = padded<acc_t>(g.C);
     for (int64_t c = 0; c < g.C; ++c) {
-      m[c] = mc.const_data_ptr<acc_t>()[c];
-      scale[c] = scale_of<acc_t>(w, c, ic.const_data_ptr<acc_t>()[c]);
+      m[c] = mp[c];
+      scale[c] = scale_of<acc_t>(w, c, ip[c]);
       shift[c] = bias_of<acc_t>(b, c);
     }
     const bool stream = streams(xc, rc.defined() ? 3 : 2, training);
@@ -833,9 +835,11 @@ std::tuple<at::Tensor, at::Tensor> stats_cpu(const at::Tensor& x) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_stats_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto w = channel_stats<scalar_t>(xc);
+    acc_t* mp = mean.mutable_data_ptr<acc_t>();
+    acc_t* vp = var.mutable_data_ptr<acc_t>();
     for (int64_t c = 0; c < C; ++c) {
-      mean.mutable_data_ptr<acc_t>()[c] = acc_t(w[c].n > 0 ? w[c].mean : std::nan(""));
-      var.mutable_data_ptr<acc_t>()[c] = acc_t(w[c].n > 0 ? biased_var(w[c]) : std::nan(""));
+      mp[c] = acc_t(w[c].n > 0 ? w[c].mean : std::nan(""));
+      vp[c] = acc_t(w[c].n > 0 ? biased_var(w[c]) : std::nan(""));
     }
   });
   return {mean, var};
@@ -867,11 +871,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> train_cpu
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_train_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto w = channel_stats<scalar_t>(xc);
+    acc_t* mp = mean.mutable_data_ptr<acc_t>();
+    acc_t* vp = var.mutable_data_ptr<acc_t>();
+    acc_t* ip = invstd.mutable_data_ptr<acc_t>();
     for (int64_t c = 0; c < C; ++c) {
       const double v = biased_var(w[c]);
-      mean.mutable_data_ptr<acc_t>()[c] = acc_t(w[c].mean);
-      var.mutable_data_ptr<acc_t>()[c] = acc_t(v);
-      invstd.mutable_data_ptr<acc_t>()[c] = acc_t(invstd_of<double>(v, eps));
+      mp[c] = acc_t(w[c].mean);
+      vp[c] = acc_t(v);
+      ip[c] = acc_t(invstd_of<double>(v, eps));
     }
   });
   auto [out, mask] = new_out_and_mask(xc, relu);
@@ -900,9 +907,12 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(const at::Tensor& grad_ou
     std::vector<double> s1(g.C), s2(g.C);
     GradTerms<scalar_t> t{gc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(), ptr_or_null<uint8_t>(mkc)};
     channel_sums<scalar_t>(g, t, m.data(), s1.data(), s2.data());
+    acc_t* dyp = sum_dy.mutable_data_ptr<acc_t>();
+    acc_t* dxp = sum_dy_xhat.mutable_data_ptr<acc_t>();
+    const acc_t* ip = ic.const_data_ptr<acc_t>();
     for (int64_t c = 0; c < g.C; ++c) {
-      sum_dy.mutable_data_ptr<acc_t>()[c] = acc_t(s1[c]);
-      sum_dy_xhat.mutable_data_ptr<acc_t>()[c] = acc_t(s2[c] * double(ic.const_data_ptr<acc_t>()[c]));
+      dyp[c] = acc_t(s1[c]);
+      dxp[c] = acc_t(s2[c] * double(ip[c]));
     }
   });
   return {sum_dy, sum_dy_xhat};
@@ -935,11 +945,14 @@ std::tuple<at::Tensor, at::Tensor> backward_elemt_cpu(const at::Tensor& grad_out
     const acc_t* w = ptr_or_null<acc_t>(wc);
     auto m = padded<acc_t>(g.C), k = padded<acc_t>(g.C), a = padded<acc_t>(g.C), b0 = padded<acc_t>(g.C);
     const acc_t inv_count = has_sums ? acc_t(1) / acc_t(count) : acc_t(0);
+    const acc_t* mp = mc.const_data_ptr<acc_t>();
+    const acc_t* ip = ic.const_data_ptr<acc_t>();
+    const acc_t* s1p = ptr_or_null<acc_t>(s1);
+    const acc_t* s2p = ptr_or_null<acc_t>(s2);
     for (int64_t c = 0; c < g.C; ++c) {
-      auto co = backward_coefs<acc_t>(w, c, ic.const_data_ptr<acc_t>()[c], has_sums,
-                                      has_sums ? s1.const_data_ptr<acc_t>()[c] : acc_t(0),
-                                      has_sums ? s2.const_data_ptr<acc_t>()[c] : acc_t(0), inv_count);
-      m[c] = mc.const_data_ptr<acc_t>()[c];
+      auto co = backward_coefs<acc_t>(w, c, ip[c], has_sums, has_sums ? s1p[c] : acc_t(0),
+                                      has_sums ? s2p[c] : acc_t(0), inv_count);
+      m[c] = mp[c];
       k[c] = co.k;
       a[c] = co.a;
       b0[c] = co.b0;
