@@ -6,11 +6,14 @@
 // registered autograd, which torch.compile traces instead of these ops. Eval: the inverse
 // standard deviation of the running variance, then bn_act_apply.
 #include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <optional>
+#include <sstream>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -218,26 +221,6 @@ Tensor train_eager(const Tensor& x, const OptTensor& weight, const OptTensor& bi
   return outs[0];
 }
 
-// conv2d(relu(bn(x)), conv_weight) in training (BnReluConvFn), then the running-statistics
-// update. Every argument is checked before any state changes.
-Tensor relu_conv2d_eager(const Tensor& x, const OptTensor& weight, const OptTensor& bias,
-                         const OptTensor& running_mean, const OptTensor& running_var, const Tensor& conv_weight,
-                         double momentum, double eps, at::IntArrayRef stride, at::IntArrayRef padding,
-                         at::IntArrayRef dilation, int64_t groups) {
-  constexpr const char* op = "skipfast.bn_act_relu_conv2d_eager";
-  bn_act::check_x(op, x);
-  bn_act::check_train_args(op, x, weight, bias, std::nullopt);
-  check_running(op, x.size(1), x.device(), running_mean, running_var);
-  TORCH_CHECK_VALUE(conv_weight.dim() == 4 && conv_weight.scalar_type() == x.scalar_type() &&
-                        conv_weight.device() == x.device(),
-                    op, ": conv_weight must be a 4-D tensor of the dtype and device of x (", x.scalar_type(), ", ",
-                    x.device(), "), got ", conv_weight.dim(), "-D ", conv_weight.scalar_type(), " on ",
-                    conv_weight.device());
-  auto outs = BnReluConvFn::apply(x, weight, bias, conv_weight, eps, stride.vec(), padding.vec(), dilation.vec(),
-                                  groups);
-  update_running_stats(running_mean, running_var, outs[1], outs[2], momentum, x.numel() / x.size(1));
-  return outs[0];
-}
 
 // The running-statistics update of a training step whose kernels ran elsewhere (the BN +
 // ReLU + convolution path of skipfast/ops/bn_act.py): one call instead of four in-place ops.
@@ -279,6 +262,129 @@ Tensor eval_eager(const Tensor& x, const OptTensor& weight, const OptTensor& bia
   return std::get<0>(apply_op().call(x, mean, invstd, weight, bias, residual, relu));
 }
 
+// ---- BatchNormAct2d in eager mode ----
+// The module's forward and then_conv, each in one call: the checks of skipfast/ops/bn_act.py's
+// _validate (the functional API's), with its exception types and messages, then
+// num_batches_tracked counted (only for an accepted call), then the entries above. In Python
+// those checks and the count cost more host time than a small layer's kernels.
+
+constexpr const char* kOp = "skipfast.batch_norm_act";
+
+std::string py_dtype(at::ScalarType t) { return "torch." + std::string(c10::getDtypeNames(t).first); }
+
+std::string py_shape(at::IntArrayRef s) {
+  std::ostringstream o;
+  o << "(";
+  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
+  o << (s.size() == 1 ? ",)" : ")");
+  return o.str();
+}
+
+void check_module_args(const Tensor& x, const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
+                       const OptTensor& running_var, const OptTensor& residual, bool training) {
+  TORCH_CHECK_TYPE(x.is_floating_point(), kOp, ": x must be a floating-point tensor, got dtype ",
+                   py_dtype(x.scalar_type()));
+  TORCH_CHECK_VALUE(x.dim() == 4, kOp, ": x must be 4-D, got ", x.dim(), "-D tensor of shape ", py_shape(x.sizes()));
+  const int64_t C = x.size(1);
+  for (const auto& [name, t] : {std::pair{"weight", bn_act::opt(weight)}, std::pair{"bias", bn_act::opt(bias)},
+                                std::pair{"running_mean", bn_act::opt(running_mean)},
+                                std::pair{"running_var", bn_act::opt(running_var)}}) {
+    if (t == nullptr) continue;
+    TORCH_CHECK_TYPE(t->is_floating_point(), kOp, ": ", name, " must be a floating-point tensor, got dtype ",
+                     py_dtype(t->scalar_type()));
+    TORCH_CHECK_VALUE(t->dim() == 1, kOp, ": ", name, " must be 1-D, got ", t->dim(), "-D tensor of shape ",
+                      py_shape(t->sizes()));
+    TORCH_CHECK_VALUE(t->size(0) == C, kOp, ": ", name, " must have ", C, " values (one per channel of x), got shape ",
+                      py_shape(t->sizes()));
+    TORCH_CHECK_VALUE(t->device() == x.device(), kOp, ": ", name, " must be on the device of x (", x.device(),
+                      "), got ", t->device());
+  }
+  TORCH_CHECK_VALUE(bool(bn_act::opt(running_mean)) == bool(bn_act::opt(running_var)), kOp,
+                    ": running_mean and running_var must both be tensors or both be None");
+  TORCH_CHECK_VALUE(training || bn_act::opt(running_mean), kOp,
+                    ": running_mean and running_var must be defined in evaluation mode (training=False)");
+  if (const Tensor* r = bn_act::opt(residual)) {
+    TORCH_CHECK_TYPE(r->is_floating_point(), kOp, ": residual must be a floating-point tensor, got dtype ",
+                     py_dtype(r->scalar_type()));
+    TORCH_CHECK_VALUE(r->sizes() == x.sizes(), kOp, ": residual must have the shape of x ", py_shape(x.sizes()),
+                      ", got ", py_shape(r->sizes()));
+    TORCH_CHECK_TYPE(r->scalar_type() == x.scalar_type(), kOp, ": residual must have the dtype of x (",
+                     py_dtype(x.scalar_type()), "), got ", py_dtype(r->scalar_type()));
+    TORCH_CHECK_VALUE(r->device() == x.device(), kOp, ": residual must be on the device of x (", x.device(),
+                      "), got ", r->device());
+  }
+  // torch's message (F.batch_norm)
+  TORCH_CHECK_VALUE(!training || x.numel() / std::max<int64_t>(C, 1) != 1,
+                    "Expected more than 1 value per channel when training, got input size torch.Size([",
+                    c10::Join(", ", x.sizes()), "])");
+}
+
+// Under autocast a residual of another floating dtype is cast to x's (bn_act.autocast_promote).
+OptTensor autocast_residual(const Tensor& x, const OptTensor& residual) {
+  const Tensor* r = bn_act::opt(residual);
+  if (r && r->scalar_type() != x.scalar_type() && x.is_floating_point() && r->is_floating_point() &&
+      at::autocast::is_autocast_enabled(x.device().type())) {
+    return r->to(x.scalar_type());
+  }
+  return residual;
+}
+
+// A weight or bias in the dtype of the per-channel tensors the kernels take.
+OptTensor in_dtype(const OptTensor& t, at::ScalarType dtype) {
+  const Tensor* p = bn_act::opt(t);
+  return p && p->scalar_type() != dtype ? OptTensor(p->to(dtype)) : t;
+}
+
+// num_batches_tracked += 1 (when given); the momentum of this step: `momentum`, or with
+// momentum None (a cumulative moving average) 1 / num_batches_tracked, as nn.BatchNorm2d.
+double count_batch(const OptTensor& num_batches_tracked, std::optional<double> momentum) {
+  const Tensor* n = bn_act::opt(num_batches_tracked);
+  if (n == nullptr) return momentum.value_or(0.0);
+  if (n->device().is_cpu() && n->scalar_type() == at::kLong && n->numel() == 1 && !n->is_inference()) {
+    ++*n->mutable_data_ptr<int64_t>();
+    n->unsafeGetTensorImpl()->bump_version();  // as add_ does
+  } else {
+    at::NoGradGuard no_grad;
+    n->add_(1);
+  }
+  return momentum ? *momentum : 1.0 / n->item<double>();
+}
+
+// BatchNormAct2d.forward: training (batch statistics, running statistics updated) or eval.
+Tensor forward_eager(const Tensor& x, const OptTensor& weight, const OptTensor& bias, const OptTensor& residual,
+                     const OptTensor& running_mean, const OptTensor& running_var,
+                     const OptTensor& num_batches_tracked, bool training, std::optional<double> momentum, double eps,
+                     bool relu) {
+  const OptTensor r = autocast_residual(x, residual);
+  check_module_args(x, weight, bias, running_mean, running_var, r, training);
+  const auto sd = bn_act::stat_dtype(x);
+  const OptTensor w = in_dtype(weight, sd), b = in_dtype(bias, sd);
+  if (!training) return eval_eager(x, w, b, r, *running_mean, *running_var, eps, relu);
+  return train_eager(x, w, b, r, running_mean, running_var, count_batch(num_batches_tracked, momentum), eps, relu);
+}
+
+// conv2d(relu(bn(x)), conv_weight) in training (BnReluConvFn), then the running-statistics
+// update: BatchNormAct2d.then_conv and batch_norm_relu_conv2d. Every argument is checked
+// before any state changes.
+Tensor relu_conv2d_eager(const Tensor& x, const OptTensor& weight, const OptTensor& bias,
+                         const OptTensor& running_mean, const OptTensor& running_var,
+                         const OptTensor& num_batches_tracked, const Tensor& conv_weight,
+                         std::optional<double> momentum, double eps, at::IntArrayRef stride, at::IntArrayRef padding,
+                         at::IntArrayRef dilation, int64_t groups) {
+  check_module_args(x, weight, bias, running_mean, running_var, std::nullopt, /*training=*/true);
+  TORCH_CHECK_VALUE(conv_weight.dim() == 4 && conv_weight.scalar_type() == x.scalar_type() &&
+                        conv_weight.device() == x.device(),
+                    kOp, ": conv_weight must be a 4-D tensor of the dtype and device of x (", py_dtype(x.scalar_type()),
+                    ", ", x.device(), "), got ", conv_weight.dim(), "-D ", py_dtype(conv_weight.scalar_type()), " on ",
+                    conv_weight.device());
+  const auto sd = bn_act::stat_dtype(x);
+  const OptTensor w = in_dtype(weight, sd), b = in_dtype(bias, sd);
+  const double m = count_batch(num_batches_tracked, momentum);
+  auto outs = BnReluConvFn::apply(x, w, b, conv_weight, eps, stride.vec(), padding.vec(), dilation.vec(), groups);
+  update_running_stats(running_mean, running_var, outs[1], outs[2], m, x.numel() / x.size(1));
+  return outs[0];
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(skipfast, CompositeImplicitAutograd, m) {
@@ -286,6 +392,7 @@ TORCH_LIBRARY_IMPL(skipfast, CompositeImplicitAutograd, m) {
   m.impl("bn_act_eval_eager", &eval_eager);
   m.impl("bn_act_update_running", &update_running_eager);
   m.impl("bn_act_relu_conv2d_eager", &relu_conv2d_eager);
+  m.impl("bn_act_forward_eager", &forward_eager);
 }
 
 }  // namespace skipfast

@@ -51,9 +51,16 @@ TORCH_LIBRARY(skipfast, m) {
         "Tensor running_var, float eps, bool relu) -> Tensor");
   // Eager-mode training of conv2d(relu(bn(x)), conv_weight) in one call: the activation is
   // recomputed in backward, not kept (skipfast/ops/bn_act.py, batch_norm_relu_conv2d).
+  // num_batches_tracked, when given, is counted; momentum None is the cumulative average.
   m.def("bn_act_relu_conv2d_eager(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
-        "Tensor(b!)? running_var, Tensor conv_weight, float momentum, float eps, int[2] stride, int[2] padding, "
-        "int[2] dilation, int groups) -> Tensor");
+        "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, Tensor conv_weight, float? momentum, float eps, "
+        "int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor");
+  // BatchNormAct2d.forward in eager mode in one call: the checks of the functional API (same
+  // messages), num_batches_tracked counted (when given; momentum None is the cumulative
+  // average), then bn_act_train_eager or bn_act_eval_eager's work.
+  m.def("bn_act_forward_eager(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, Tensor(a!)? running_mean, "
+        "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, bool training, float? momentum, float eps, "
+        "bool relu) -> Tensor");
   // running = (1 - momentum) * running + momentum * batch (unbiased variance from count values
   // per channel), in place, in one call.
   m.def("bn_act_update_running(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, "

@@ -559,7 +559,7 @@ def test_cpp_kernels_reject_bad_input_themselves():
     with pytest.raises(RuntimeError, match="Expected more than 1 value per channel"):
         torch.ops.skipfast.bn_act_train(torch.randn(1, 3, 1, 1), None, None, None, 1e-5, True)
     # the eager-mode entries check the running statistics before any state changes
-    rm, rv = torch.zeros(3), torch.ones(3)
+    rm, rv, nbt = torch.zeros(3), torch.ones(3), torch.tensor(0)
     with pytest.raises(ValueError, match="running_var must have 3 values"):
         torch.ops.skipfast.bn_act_train_eager(x, None, None, None, rm, torch.ones(4), 0.1, 1e-5, True)
     with pytest.raises(ValueError, match="running_mean and running_var must both be tensors or both be None"):
@@ -570,11 +570,16 @@ def test_cpp_kernels_reject_bad_input_themselves():
     with pytest.raises(RuntimeError, match="residual must have shape"):
         torch.ops.skipfast.bn_act_eval_eager(x, None, None, x[:1], rm, rv, 1e-5, True)
     with pytest.raises(ValueError, match="conv_weight must be a 4-D tensor of the dtype and device of x"):
-        torch.ops.skipfast.bn_act_relu_conv2d_eager(x, None, None, rm, rv, torch.randn(4, 3, 3, 3).double(), 0.1,
-                                                    1e-5, [1, 1], [1, 1], [1, 1], 1)
+        torch.ops.skipfast.bn_act_relu_conv2d_eager(x, None, None, rm, rv, nbt, torch.randn(4, 3, 3, 3).double(),
+                                                    0.1, 1e-5, [1, 1], [1, 1], [1, 1], 1)
     with pytest.raises(ValueError, match="running_mean must have 3 values"):
-        torch.ops.skipfast.bn_act_relu_conv2d_eager(x, None, None, torch.zeros(4), rv, torch.randn(4, 3, 3, 3), 0.1,
-                                                    1e-5, [1, 1], [1, 1], [1, 1], 1)
+        torch.ops.skipfast.bn_act_relu_conv2d_eager(x, None, None, torch.zeros(4), rv, nbt, torch.randn(4, 3, 3, 3),
+                                                    0.1, 1e-5, [1, 1], [1, 1], [1, 1], 1)
+    with pytest.raises(TypeError, match="residual must have the dtype of x"):
+        torch.ops.skipfast.bn_act_forward_eager(x, None, None, x.double(), rm, rv, nbt, True, None, 1e-5, True)
+    with pytest.raises(ValueError, match="running_mean and running_var must be defined in evaluation mode"):
+        torch.ops.skipfast.bn_act_forward_eager(x, None, None, None, None, None, None, False, 0.1, 1e-5, True)
+    assert int(nbt) == 0
     with pytest.raises(ValueError, match="count must be above 1"):
         torch.ops.skipfast.bn_act_update_running(rm, rv, torch.zeros(3), torch.ones(3), 0.1, 1)
     assert rm.eq(0).all() and rv.eq(1).all()
@@ -734,3 +739,54 @@ def test_bn_relu_conv_recompute_matches_eager(cl):
     fused.eval(), bn.eval()
     torch.testing.assert_close(fused.then_conv(x, fconv), conv(torch.relu(bn(x))), rtol=1e-4, atol=1e-5)
 
+
+
+@pytest.mark.parametrize("case, err, match", [(c, e, m) for c, e, m in _bad_cases()
+                                              if c["x"].dim() == 4 and "activation" not in c])
+def test_module_checks_match_the_functional_api(case, err, match):
+    """BatchNormAct2d's eager C++ entry checks what the functional API checks in Python, with
+    the same exception type and message, and leaves every buffer (num_batches_tracked too)
+    unchanged. (The module checks x's dimensions and the activation itself.)"""
+    x = case.pop("x")
+    mod = skipfast.BatchNormAct2d(3)
+    residual = case.pop("residual", None)
+    for name, t in case.items():  # a pruned or parametrized module holds such tensors as attributes
+        if name in mod._parameters:
+            del mod._parameters[name]
+        else:
+            del mod._buffers[name]
+        setattr(mod, name, t)
+    state = {k: v.clone() for k, v in mod.state_dict().items() if v.device.type == "cpu"}
+    args = dict(weight=mod.weight, bias=mod.bias, running_mean=mod.running_mean, running_var=mod.running_var)
+    with pytest.raises(err) as functional:
+        batch_norm_act(x, **args, training=True, residual=residual)
+    with pytest.raises(err, match=f"skipfast.batch_norm_act: {match}") as module:
+        mod(x, residual)
+    assert str(module.value) == str(functional.value)
+    for k, v in state.items():
+        assert torch.equal(mod.state_dict()[k], v), k
+
+
+def test_module_eager_entry_counts_batches():
+    """num_batches_tracked counted by the C++ entries (forward and then_conv): momentum None is
+    the cumulative average, as nn.BatchNorm2d; no count in eval or without running stats."""
+    torch.manual_seed(0)
+    for momentum in (None, 0.3):
+        bn, fused = torch.nn.BatchNorm2d(4, momentum=momentum), skipfast.BatchNormAct2d(4, momentum=momentum)
+        conv = torch.nn.Conv2d(4, 2, 3, padding=1, bias=False)
+        for step in range(4):
+            x = torch.randn(3, 4, 5, 5, requires_grad=True)
+            if step % 2:
+                got, want = fused.then_conv(x, conv), conv(torch.relu(bn(x)))
+            else:
+                got, want = fused(x), torch.relu(bn(x))
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for (name, a), b in zip(fused.named_buffers(), bn.buffers()):
+            torch.testing.assert_close(a, b, msg=name)
+        assert int(fused.num_batches_tracked) == 4
+    fused.eval()
+    fused(torch.randn(3, 4, 5, 5))
+    assert int(fused.num_batches_tracked) == 4
+    untracked = skipfast.BatchNormAct2d(4, track_running_stats=False)
+    untracked(torch.randn(3, 4, 5, 5))
+    assert untracked.num_batches_tracked is None and untracked.running_mean is None

@@ -71,10 +71,10 @@ def test_single_grad_level_runs_the_kernels():
     _backend._kernels_under_transforms = spy
     try:
         grad(lambda x: m(x).sum())(x)
-        assert seen == [True]
+        assert seen and all(seen)
         seen.clear()
         vmap(grad(lambda x: m(x).sum()))(x[None].expand(2, -1, -1, -1, -1).clone())
-        assert seen == [False]
+        assert seen and not any(seen)
     finally:
         _backend._kernels_under_transforms = real
     assert _backend.select("bn_act", x.device) == "cpp"  # outside the transforms

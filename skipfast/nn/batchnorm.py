@@ -50,10 +50,9 @@ class BatchNormAct2d(nn.BatchNorm2d):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation!r}"
 
-    def _prepare(self, x, residual):
-        """nn.BatchNorm2d.forward's bookkeeping, with num_batches_tracked counted only after
-        the inputs are accepted (a rejected call leaves every buffer unchanged). Returns
-        (x, residual, training, weight, bias, running_mean, running_var, momentum)."""
+    def _state(self, x):
+        """nn.BatchNorm2d.forward's reading of the module: (weight, bias, running_mean,
+        running_var, num_batches_tracked to count or None, training)."""
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             got = f"{x.dim()}-D input" if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"BatchNormAct2d: x must be a 4-D tensor [N, C, H, W], got {got}")
@@ -66,22 +65,34 @@ class BatchNormAct2d(nn.BatchNorm2d):
         running_mean = buffers["running_mean"] if "running_mean" in buffers else self.running_mean
         running_var = buffers["running_var"] if "running_var" in buffers else self.running_var
         training = self.training or (running_mean is None and running_var is None)
-        if self.training and not self.track_running_stats:
-            running_mean = running_var = None
+        num_batches_tracked = None
+        if self.training:
+            if self.track_running_stats:
+                num_batches_tracked = (buffers["num_batches_tracked"] if "num_batches_tracked" in buffers
+                                       else self.num_batches_tracked)
+            else:
+                running_mean = running_var = None
+        return weight, bias, running_mean, running_var, num_batches_tracked, training
+
+    def _prepare(self, x, residual, num_batches_tracked, *args):
+        """The checks of the functional API, then num_batches_tracked counted, only for an
+        accepted call (a rejected one leaves every buffer unchanged). Returns (x, residual,
+        momentum). ``args``: (weight, bias, running_mean, running_var, training)."""
         x, residual = bn_act.autocast_promote(x, residual)
-        bn_act._validate(x, weight, bias, running_mean, running_var, training, 0.0, self.eps, residual,
-                         self.activation)
+        bn_act._validate(x, *args, 0.0, self.eps, residual, self.activation)
         momentum = 0.0 if self.momentum is None else self.momentum
-        num_batches_tracked = (buffers["num_batches_tracked"] if "num_batches_tracked" in buffers
-                               else self.num_batches_tracked)
-        if self.training and self.track_running_stats and num_batches_tracked is not None:
+        if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
             if self.momentum is None:
                 momentum = 1.0 / float(num_batches_tracked)
-        return x, residual, training, weight, bias, running_mean, running_var, momentum
+        return x, residual, momentum
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        x, residual, training, weight, bias, running_mean, running_var, momentum = self._prepare(x, residual)
+        weight, bias, running_mean, running_var, nbt, training = self._state(x)
+        if bn_act._module_eager(x):  # checks, count and kernels in one C++ call
+            return bn_act._FORWARD_EAGER(x, weight, bias, residual, running_mean, running_var, nbt, training,
+                                         self.momentum, self.eps, self.activation == "relu")
+        x, residual, momentum = self._prepare(x, residual, nbt, weight, bias, running_mean, running_var, training)
         return bn_act._forward(x, weight, bias, running_mean, running_var, training, momentum, self.eps, residual,
                                self.activation)
 
@@ -94,9 +105,18 @@ class BatchNormAct2d(nn.BatchNorm2d):
                      and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
         if not recompute:
             return conv(self(x))
-        x, _, training, weight, bias, running_mean, running_var, momentum = self._prepare(x, None)
+        weight, bias, running_mean, running_var, nbt, training = self._state(x)
         if not training:
-            return conv(bn_act._forward(x, weight, bias, running_mean, running_var, False, momentum, self.eps, None,
-                                        "relu"))
+            return conv(self.forward(x))
+        if (bn_act._module_eager(x) and torch.is_grad_enabled()
+                and not torch.is_autocast_enabled(x.device.type)):  # as _bn_relu_conv2d's recompute path
+            return bn_act._RELU_CONV2D_EAGER(x, weight, bias, running_mean, running_var, nbt, conv.weight,
+                                             self.momentum, self.eps, _pair(conv.stride), _pair(conv.padding),
+                                             _pair(conv.dilation), conv.groups)
+        x, _, momentum = self._prepare(x, None, nbt, weight, bias, running_mean, running_var, True)
         return bn_act._bn_relu_conv2d(x, weight, bias, running_mean, running_var, conv.weight, momentum, self.eps,
                                       conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)

@@ -189,6 +189,14 @@ def _eager_cpp(backend, x):
             and not torch._C._are_functorch_transforms_active() and torch._C._len_torch_dispatch_stack() == 0)
 
 
+def _module_eager(x):
+    """Whether BatchNormAct2d runs through ``bn_act_forward_eager`` / ``bn_act_relu_conv2d_eager``
+    (the module's checks, its num_batches_tracked count and the kernels in one C++ call): the
+    C++ backend in plain eager mode, on a non-empty x (float32 or narrower on a GPU)."""
+    return (x.numel() != 0 and _backend.select("bn_act", x.device) == "cpp" and _eager_cpp("cpp", x)
+            and not _float64_on_gpu(x))
+
+
 def _update_running(running_mean, running_var, mean, var, momentum, n):
     """torch's update: running = (1 - momentum) * running + momentum * batch (unbiased var)."""
     if _backend.has_extension() and _eager_cpp("cpp", running_mean):
@@ -345,6 +353,7 @@ if _backend.has_extension():
     _EVAL_EAGER = torch.ops.skipfast.bn_act_eval_eager.default
     _UPDATE_RUNNING = torch.ops.skipfast.bn_act_update_running.default
     _RELU_CONV2D_EAGER = torch.ops.skipfast.bn_act_relu_conv2d_eager.default
+    _FORWARD_EAGER = torch.ops.skipfast.bn_act_forward_eager.default
 
     def _channel(x):
         return x.new_empty((x.shape[1],), dtype=stat_dtype(x))
@@ -489,7 +498,7 @@ def _bn_relu_conv2d(x, weight, bias, running_mean, running_var, conv_weight, mom
     b = bias if bias is None or bias.dtype == sd else bias.to(sd)
     if _eager_cpp(backend, x):
         # the same autograd node in C++, and the running-statistics update, in one call
-        return _RELU_CONV2D_EAGER(x, w, b, running_mean, running_var, conv_weight, float(momentum), float(eps),
+        return _RELU_CONV2D_EAGER(x, w, b, running_mean, running_var, None, conv_weight, float(momentum), float(eps),
                                   pair(stride), pair(padding), pair(dilation), groups)
     y, mean, var, _invstd = _BnReluConv2d.apply(x, w, b, conv_weight, float(eps), pair(stride), pair(padding),
                                                 pair(dilation), groups, backend)
