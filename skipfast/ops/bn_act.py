@@ -41,7 +41,10 @@ same saved tensors and backward phases, the running-statistics update), and eval
 call of ``bn_act_eval_eager`` (the inverse standard deviation of the running variance, then
 ``bn_act_apply``, below autograd when no gradient is wanted), and so is the BN + ReLU +
 convolution of ``batch_norm_relu_conv2d`` (``bn_act_relu_conv2d_eager``, the C++ form of
-``_BnReluConv2d``). torch.compile traces the registered ops. Under a single torch.func grad
+``_BnReluConv2d``). BatchNormAct2d goes one step further in eager mode: its forward is one
+call of ``bn_act_forward_eager`` (this module's ``_validate`` checks, with the same messages,
+the num_batches_tracked count, then the training or eval entry), its then_conv one call of
+``bn_act_relu_conv2d_eager`` with the count. torch.compile traces the registered ops. Under a single torch.func grad
 level the same ops run inside ``_TrainFn`` / ``_ApplyFn`` (autograd Functions with a
 separate setup_context and a generated vmap rule, which torch.func requires and the Function
 that register_autograd generates lacks); other transforms take the reference
