@@ -287,50 +287,37 @@ def _refuse_second_derivative():
         raise RuntimeError(f"{OP}: second derivatives are not supported (its backward is not differentiable)")
 
 
-class _TrainFn(torch.autograd.Function):
-    """bn_act_train with the registered backward, for torch.func transforms: torch.func
-    takes an autograd.Function only with a separate setup_context (and a vmap rule), which
-    the Function that register_autograd generates for an op does not have.
-    Returns bn_act_train's outputs."""
+def _functorch_function(phase, setup_context, make_backward):
+    """An autograd Function for the phase op ``phase`` (train or apply) of the backend named
+    by its last input, with the op's registered setup_context and backward, for torch.func
+    transforms: torch.func takes an autograd.Function only with a separate setup_context
+    (and a vmap rule), which the Function that register_autograd generates for an op does not
+    have. Returns the op's outputs."""
 
-    generate_vmap_rule = True
+    class Function(torch.autograd.Function):
+        generate_vmap_rule = True
 
-    @staticmethod
-    def forward(x, weight, bias, residual, eps, relu, backend):
-        return _OPS[backend].train(x, weight, bias, residual, eps, relu)
+        @staticmethod
+        def forward(*args):
+            return getattr(_OPS[args[-1]], phase)(*args[:-1])
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _train_setup_context(ctx, inputs[:6], output)
-        ctx.ops = _OPS[inputs[6]]
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            setup_context(ctx, inputs[:-1], output)
+            ctx.ops = _OPS[inputs[-1]]
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out, *_):
-        _refuse_second_derivative()
-        return (*_train_grads(ctx, ctx.ops, grad_out), None, None, None)
+        @staticmethod
+        @once_differentiable
+        def backward(ctx, *grads):
+            _refuse_second_derivative()
+            return (*make_backward(ctx.ops)(ctx, *grads), None)
+
+    Function.__name__ = Function.__qualname__ = f"_{phase.capitalize()}Fn"
+    return Function
 
 
-class _ApplyFn(torch.autograd.Function):
-    """bn_act_apply with the registered backward, for torch.func transforms (as _TrainFn).
-    Returns bn_act_apply's outputs."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x, mean, invstd, weight, bias, residual, relu, backend):
-        return _OPS[backend].apply(x, mean, invstd, weight, bias, residual, relu)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _apply_setup_context(ctx, inputs[:7], output)
-        ctx.ops = _OPS[inputs[7]]
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out, grad_mask):
-        _refuse_second_derivative()
-        return (*_make_apply_backward(ctx.ops)(ctx, grad_out, grad_mask), None)
+_TrainFn = _functorch_function("train", _train_setup_context, _make_train_backward)
+_ApplyFn = _functorch_function("apply", _apply_setup_context, _make_apply_backward)
 
 
 def _register_autograd(ops):
