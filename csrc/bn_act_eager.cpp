@@ -221,7 +221,6 @@ Tensor train_eager(const Tensor& x, const OptTensor& weight, const OptTensor& bi
   return outs[0];
 }
 
-
 // The running-statistics update of a training step whose kernels ran elsewhere (the BN +
 // ReLU + convolution path of skipfast/ops/bn_act.py): one call instead of four in-place ops.
 void update_running_eager(const Tensor& running_mean, const Tensor& running_var, const Tensor& mean,

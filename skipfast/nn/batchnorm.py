@@ -111,12 +111,8 @@ class BatchNormAct2d(nn.BatchNorm2d):
         if (bn_act._module_eager(x) and torch.is_grad_enabled()
                 and not torch.is_autocast_enabled(x.device.type)):  # as _bn_relu_conv2d's recompute path
             return bn_act._RELU_CONV2D_EAGER(x, weight, bias, running_mean, running_var, nbt, conv.weight,
-                                             self.momentum, self.eps, _pair(conv.stride), _pair(conv.padding),
-                                             _pair(conv.dilation), conv.groups)
+                                             self.momentum, self.eps, bn_act._pair(conv.stride),
+                                             bn_act._pair(conv.padding), bn_act._pair(conv.dilation), conv.groups)
         x, _, momentum = self._prepare(x, None, nbt, weight, bias, running_mean, running_var, True)
         return bn_act._bn_relu_conv2d(x, weight, bias, running_mean, running_var, conv.weight, momentum, self.eps,
                                       conv.stride, conv.padding, conv.dilation, conv.groups)
-
-
-def _pair(v):
-    return (v, v) if isinstance(v, int) else tuple(v)

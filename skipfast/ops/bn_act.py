@@ -200,6 +200,11 @@ def _module_eager(x):
             and not _float64_on_gpu(x))
 
 
+def _pair(v):
+    """A convolution's stride, padding or dilation as a pair."""
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
 def _update_running(running_mean, running_var, mean, var, momentum, n):
     """torch's update: running = (1 - momentum) * running + momentum * batch (unbiased var)."""
     if _backend.has_extension() and _eager_cpp("cpp", running_mean):
@@ -482,16 +487,15 @@ def _bn_relu_conv2d(x, weight, bias, running_mean, running_var, conv_weight, mom
             or torch.is_autocast_enabled(x.device.type)):
         a = _forward(x, weight, bias, running_mean, running_var, True, momentum, eps, None, "relu")
         return F.conv2d(a, conv_weight, None, stride, padding, dilation, groups)
-    pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
     sd = stat_dtype(x)
     w = weight if weight is None or weight.dtype == sd else weight.to(sd)
     b = bias if bias is None or bias.dtype == sd else bias.to(sd)
     if _eager_cpp(backend, x):
         # the same autograd node in C++, and the running-statistics update, in one call
         return _RELU_CONV2D_EAGER(x, w, b, running_mean, running_var, None, conv_weight, float(momentum), float(eps),
-                                  pair(stride), pair(padding), pair(dilation), groups)
-    y, mean, var, _invstd = _BnReluConv2d.apply(x, w, b, conv_weight, float(eps), pair(stride), pair(padding),
-                                                pair(dilation), groups, backend)
+                                  _pair(stride), _pair(padding), _pair(dilation), groups)
+    y, mean, var, _invstd = _BnReluConv2d.apply(x, w, b, conv_weight, float(eps), _pair(stride), _pair(padding),
+                                                _pair(dilation), groups, backend)
     if running_mean is not None:
         _update_running(running_mean, running_var, mean, var, momentum, x.numel() // x.shape[1])
     return y
