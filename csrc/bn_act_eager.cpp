@@ -61,6 +61,16 @@ const auto& elemt_op() {
 
 OptTensor opt_if(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
+// The phase ops have no derivatives of their own: with create_graph=True (grad mode on in
+// backward) a second derivative through them would silently miss terms, so it is refused.
+void check_first_order(const Tensor& grad, std::initializer_list<Tensor> saved) {
+  if (!at::GradMode::is_enabled()) return;
+  bool wants = grad.requires_grad();
+  for (const Tensor& t : saved) wants = wants || (t.defined() && t.requires_grad());
+  TORCH_CHECK(!wants, "skipfast.batch_norm_act: second derivatives are not supported (the fused backward is not ",
+              "differentiable); create_graph=True needs the reference backend, SKIPFAST_BACKEND=reference");
+}
+
 bool wants_grad(const OptTensor& t) { return t && t->requires_grad(); }
 
 // Forward returns (out, mean, var); mean and var are not differentiable.
@@ -90,6 +100,7 @@ struct TrainFn : public torch::autograd::Function<TrainFn> {
     const Tensor& grad_out = grads[0];
     variable_list result(6);
     if (!grad_out.defined()) return result;
+    check_first_order(grad_out, {x, weight});
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // the phase ops have no autograd of their own
     auto [sum_dy, sum_dy_xhat] = reduce_op().call(grad_out, x, mean, invstd, opt_if(mask));
     if (need_x || (need_r && relu)) {
@@ -139,6 +150,7 @@ struct BnReluConvFn : public torch::autograd::Function<BnReluConvFn> {
     const Tensor& grad_y = grads[0];
     variable_list result(9);
     if (!grad_y.defined()) return result;
+    check_first_order(grad_y, {x, weight, bias, conv_weight});
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [a, mask] = apply_op().call(x, mean, invstd, opt_if(weight), opt_if(bias), std::nullopt, true);
     const bool need_bn = need_x || need_w || need_b;
@@ -362,6 +374,26 @@ Tensor forward_eager(const Tensor& x, const OptTensor& weight, const OptTensor& 
   return train_eager(x, w, b, r, running_mean, running_var, count_batch(num_batches_tracked, momentum), eps, relu);
 }
 
+// What at::conv2d would reject, checked before num_batches_tracked is counted.
+void check_conv(const Tensor& x, const Tensor& w, at::IntArrayRef stride, at::IntArrayRef padding,
+                at::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK_VALUE(w.dim() == 4 && w.scalar_type() == x.scalar_type() && w.device() == x.device(), kOp,
+                    ": conv_weight must be a 4-D tensor of the dtype and device of x (", py_dtype(x.scalar_type()),
+                    ", ", x.device(), "), got ", w.dim(), "-D ", py_dtype(w.scalar_type()), " on ", w.device());
+  const int64_t C = x.size(1);
+  TORCH_CHECK_VALUE(groups > 0 && C % groups == 0 && w.size(0) % groups == 0 && w.size(1) * groups == C, kOp,
+                    ": conv_weight of shape ", py_shape(w.sizes()), " with groups=", groups, " cannot take the ", C,
+                    " channels of x");
+  for (int d = 0; d < 2; ++d) {
+    TORCH_CHECK_VALUE(stride[d] > 0 && dilation[d] > 0 && padding[d] >= 0, kOp,
+                      ": the convolution's stride and dilation must be positive and its padding non-negative, got ",
+                      "stride ", stride, ", padding ", padding, ", dilation ", dilation);
+    TORCH_CHECK_VALUE(x.size(2 + d) + 2 * padding[d] >= dilation[d] * (w.size(2 + d) - 1) + 1, kOp,
+                      ": the convolution's kernel ", py_shape(w.sizes().slice(2)), " (dilation ", dilation,
+                      ") is larger than x's padded input ", py_shape(x.sizes().slice(2)), " + 2 x ", padding);
+  }
+}
+
 // conv2d(relu(bn(x)), conv_weight) in training (BnReluConvFn), then the running-statistics
 // update: BatchNormAct2d.then_conv and batch_norm_relu_conv2d. Every argument is checked
 // before any state changes.
@@ -371,11 +403,7 @@ Tensor relu_conv2d_eager(const Tensor& x, const OptTensor& weight, const OptTens
                          std::optional<double> momentum, double eps, at::IntArrayRef stride, at::IntArrayRef padding,
                          at::IntArrayRef dilation, int64_t groups) {
   check_module_args(x, weight, bias, running_mean, running_var, std::nullopt, /*training=*/true);
-  TORCH_CHECK_VALUE(conv_weight.dim() == 4 && conv_weight.scalar_type() == x.scalar_type() &&
-                        conv_weight.device() == x.device(),
-                    kOp, ": conv_weight must be a 4-D tensor of the dtype and device of x (", py_dtype(x.scalar_type()),
-                    ", ", x.device(), "), got ", conv_weight.dim(), "-D ", py_dtype(conv_weight.scalar_type()), " on ",
-                    conv_weight.device());
+  check_conv(x, conv_weight, stride, padding, dilation, groups);
   const auto sd = bn_act::stat_dtype(x);
   const OptTensor w = in_dtype(weight, sd), b = in_dtype(bias, sd);
   const double m = count_batch(num_batches_tracked, momentum);

@@ -6,13 +6,13 @@ Priority, per device (first available wins):
 - CUDA: the family's entry in ``CUDA_PRIORITY`` (``cpp`` before ``triton`` unless a
   family's measurements say otherwise), else ``reference``.
 
-Under torch.func transforms (grad, vmap, jvp, jacrev, ...) every family runs its eager
-reference, whose torch ops have every transform's rules (vmap batching rules, second
-derivatives for nested grad), except ``bn_act`` under a single grad level (a training step
-through ``torch.func.grad``), which keeps its kernels (see skipfast/ops/bn_act.py).
-
 ``SKIPFAST_BACKEND=reference|cpp|triton`` forces one for debugging; forcing a backend
 that cannot run on the device raises an error that says why.
+
+Under torch.func transforms (grad, vmap, jvp, jacrev, ...) every family runs its eager
+reference, forced or not: torch's own ops have every transform's rules (vmap batching rules,
+the second derivatives of nested or outer differentiation), which the fused kernels' single
+backward has not.
 """
 from __future__ import annotations
 
@@ -103,6 +103,8 @@ def _why_not(backend: str, device: torch.device) -> str | None:
 
 def select(family: str, device: torch.device) -> str:
     """The backend that runs `family` on `device`."""
+    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+        return "reference"
     forced = os.environ.get("SKIPFAST_BACKEND", "").strip()
     if forced:
         if forced not in BACKENDS:
@@ -113,26 +115,11 @@ def select(family: str, device: torch.device) -> str:
         return forced
     if torch.compiler.is_compiling():  # traced once per graph; a memo read there would be a guard
         return _first_available(family, device)
-    if torch._C._are_functorch_transforms_active() and not _kernels_under_transforms(family):
-        return "reference"
     key = (family, device.type)
     backend = _CHOSEN.get(key)
     if backend is None:
         backend = _CHOSEN[key] = _first_available(family, device)
     return backend
-
-
-# Families whose kernels run under a single torch.func grad level (and no other transform).
-_KERNELS_UNDER_GRAD = ("bn_act",)
-
-
-def _kernels_under_transforms(family: str) -> bool:
-    if family not in _KERNELS_UNDER_GRAD:
-        return False
-    from torch._C._functorch import TransformType
-    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-
-    return [i.key() for i in retrieve_all_functorch_interpreters()] == [TransformType.Grad]
 
 
 def _first_available(family: str, device: torch.device) -> str:

@@ -68,10 +68,14 @@ class ConvBNAct(nn.Module):
         view.training = bn.training
         for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
             t = getattr(bn, name)
-            if getattr(view, name) is not t:
-                # into the view's dicts, not setattr: torch.func.functional_call (and pruning)
-                # give the BN plain tensors where the view registers parameters
+            if getattr(view, name) is t:
+                continue
+            if name in bn._parameters or name in bn._buffers:
+                # into the view's dicts: torch.func.functional_call puts plain tensors in the
+                # BN's dicts where the view registers parameters
                 (view._parameters if name in view._parameters else view._buffers)[name] = t
+            else:  # a value computed by a hook or a parametrization: a plain tensor is refused
+                setattr(view, name, t)
         return view
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:

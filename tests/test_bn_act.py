@@ -790,3 +790,49 @@ def test_module_eager_entry_counts_batches():
     untracked = skipfast.BatchNormAct2d(4, track_running_stats=False)
     untracked(torch.randn(3, 4, 5, 5))
     assert untracked.num_batches_tracked is None and untracked.running_mean is None
+
+
+@pytest.mark.parametrize("path", ["cpp", "cpp-then_conv", pytest.param("triton", marks=pytest.mark.skipif(
+    not skipfast._backend.has_triton(), reason="triton is not installed"))])
+def test_create_graph_is_refused_not_wrong(path):
+    """The fused backward is not differentiable: create_graph=True through it is an error (a
+    second derivative would silently miss the BN's terms); the reference backend gives torch's."""
+    torch.manual_seed(0)
+    dt = torch.float32 if path == "triton" else torch.float64
+    m, conv = skipfast.BatchNormAct2d(4).to(dt), torch.nn.Conv2d(4, 3, 3, padding=1, bias=False).to(dt)
+    x0 = torch.randn(2, 4, 5, 5, dtype=dt)
+
+    def second(name):
+        x = x0.clone().requires_grad_()
+        with backend(name):
+            y = m.then_conv(x, conv) if path.endswith("then_conv") else m(x)
+            g, = torch.autograd.grad(y.pow(3).sum() + x.pow(3).sum(), x, create_graph=True)
+            return torch.autograd.grad(g.square().sum(), x)[0]
+
+    with pytest.raises(RuntimeError, match="second derivatives are not supported"):
+        second(path.split("-")[0])
+    ref = torch.nn.BatchNorm2d(4).to(dt)
+    ref.load_state_dict(m.state_dict())
+    x = x0.clone().requires_grad_()
+    y = conv(torch.relu(ref(x))) if path.endswith("then_conv") else torch.relu(ref(x))
+    g, = torch.autograd.grad(y.pow(3).sum() + x.pow(3).sum(), x, create_graph=True)
+    torch.testing.assert_close(second("reference"), torch.autograd.grad(g.square().sum(), x)[0])
+
+
+def test_module_rejections_before_any_state_change():
+    """then_conv checks the convolution before counting num_batches_tracked; a residual that is
+    not a tensor and an activation changed after construction get the functional API's errors."""
+    m = skipfast.BatchNormAct2d(4)
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    for conv, match in ((torch.nn.Conv2d(5, 2, 3, bias=False), "cannot take the 4 channels of x"),
+                        (torch.nn.Conv2d(4, 2, 7, bias=False), "is larger than x's padded input")):
+        with pytest.raises(ValueError, match=match):
+            m.then_conv(x, conv)
+    with pytest.raises(TypeError, match="skipfast.batch_norm_act: residual must be a torch.Tensor, got float"):
+        m(x, 1.0)
+    m.activation = "gelu"
+    with pytest.raises(ValueError, match="activation must be 'relu' or None"):
+        m(x)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, state[k]), k

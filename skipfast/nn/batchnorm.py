@@ -89,7 +89,8 @@ class BatchNormAct2d(nn.BatchNorm2d):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         weight, bias, running_mean, running_var, nbt, training = self._state(x)
-        if bn_act._module_eager(x):  # checks, count and kernels in one C++ call
+        if ((residual is None or type(residual) is torch.Tensor) and self.activation in bn_act.ACTIVATIONS
+                and bn_act._module_eager(x)):  # checks, count and kernels in one C++ call
             return bn_act._FORWARD_EAGER(x, weight, bias, residual, running_mean, running_var, nbt, training,
                                          self.momentum, self.eps, self.activation == "relu")
         x, residual, momentum = self._prepare(x, residual, nbt, weight, bias, running_mean, running_var, training)

@@ -44,12 +44,9 @@ convolution of ``batch_norm_relu_conv2d`` (``bn_act_relu_conv2d_eager``, the C++
 ``_BnReluConv2d``). BatchNormAct2d goes one step further in eager mode: its forward is one
 call of ``bn_act_forward_eager`` (this module's ``_validate`` checks, with the same messages,
 the num_batches_tracked count, then the training or eval entry), its then_conv one call of
-``bn_act_relu_conv2d_eager`` with the count. torch.compile traces the registered ops. Under a single torch.func grad
-level the same ops run inside ``_TrainFn`` / ``_ApplyFn`` (autograd Functions with a
-separate setup_context and a generated vmap rule, which torch.func requires and the Function
-that register_autograd generates lacks); other transforms take the reference
-(skipfast/_backend.py). Their backward is not differentiable: with a forced backend, a
-nested transform that would differentiate it is refused.
+``bn_act_relu_conv2d_eager`` with the count. torch.compile traces the registered ops. torch.func transforms take the
+reference (skipfast/_backend.py). The kernels' backward is not differentiable: a second
+derivative through them (``create_graph=True``) is refused with an error.
 """
 from __future__ import annotations
 
@@ -167,10 +164,7 @@ def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps
         if _eager_cpp(backend, x):
             # kernel, autograd node and running-statistics update in one C++ call
             return _TRAIN_EAGER(x, w, b, residual, running_mean, running_var, float(momentum), float(eps), relu)
-        if torch._C._are_functorch_transforms_active():
-            out, mean, var, _invstd, _mask = _TrainFn.apply(x, w, b, residual, float(eps), relu, backend)
-        else:
-            out, mean, var, _invstd, _mask = ops.train(x, w, b, residual, float(eps), relu)
+        out, mean, var, _invstd, _mask = ops.train(x, w, b, residual, float(eps), relu)
         if running_mean is not None:
             _update_running(running_mean, running_var, mean, var, momentum, x.numel() // x.shape[1])
         return out
@@ -178,8 +172,6 @@ def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps
         # invstd and the apply kernel in one C++ call (below autograd when no gradient is wanted)
         return _EVAL_EAGER(x, w, b, residual, running_mean, running_var, float(eps), relu)
     mean, invstd = running_mean.to(sd), torch.rsqrt(running_var.to(sd) + eps)
-    if torch._C._are_functorch_transforms_active():
-        return _ApplyFn.apply(x, mean, invstd, w, b, residual, relu, backend)[0]
     return ops.apply(x, mean, invstd, w, b, residual, relu)[0]
 
 
@@ -227,9 +219,22 @@ def _train_setup_context(ctx, inputs, output):
     ctx.relu = relu
 
 
+SECOND_DERIVATIVE = (f"{OP}: second derivatives are not supported (the fused backward is not differentiable); "
+                     "create_graph=True needs the reference backend, SKIPFAST_BACKEND=reference")
+
+
+def _first_order_only(grad_out, saved):
+    """The phase ops have no derivatives of their own: with create_graph=True a second
+    derivative through them would silently miss terms, so it is refused."""
+    if (torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and (grad_out.requires_grad or any(t is not None and t.requires_grad for t in saved))):
+        raise RuntimeError(SECOND_DERIVATIVE)
+
+
 def _train_grads(ctx, ops, grad_out):
     """Gradients of bn_act_train's (x, weight, bias, residual)."""
     x, weight, mean, invstd, mask = ctx.saved_tensors
+    _first_order_only(grad_out, (x, weight))
     need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
     sum_dy, sum_dy_xhat = ops.backward_reduce(grad_out, x, mean, invstd, mask)
     gx = gr = None
@@ -262,6 +267,7 @@ def _apply_setup_context(ctx, inputs, output):
 def _make_apply_backward(ops):
     def backward(ctx, grad_out, _grad_mask):
         x, mean, invstd, weight, mask = ctx.saved_tensors
+        _first_order_only(grad_out, (x, mean, invstd, weight))
         need_x, need_mean, need_invstd, need_w, need_b, need_r = ctx.needs_input_grad[:6]
         gx = gr = gmean = ginvstd = gw = gb = None
         if need_mean or need_invstd or need_w or need_b:
@@ -278,51 +284,6 @@ def _make_apply_backward(ops):
         return gx if need_x else None, gmean, ginvstd, gw, gb, gr if need_r else None, None
 
     return backward
-
-
-def _refuse_second_derivative():
-    """The fused backward is not differentiable (once_differentiable). Plain autograd then
-    refuses a second derivative itself; under nested torch.func transforms (grad of grad, jvp
-    of grad) the outer one would get zeros instead, so this refuses it."""
-    from torch._C._functorch import TransformType
-    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-
-    outer = [i for i in retrieve_all_functorch_interpreters() if i.key() in (TransformType.Grad, TransformType.Jvp)]
-    if len(outer) > 1:
-        raise RuntimeError(f"{OP}: second derivatives are not supported (its backward is not differentiable)")
-
-
-def _functorch_function(phase, setup_context, make_backward):
-    """An autograd Function for the phase op ``phase`` (train or apply) of the backend named
-    by its last input, with the op's registered setup_context and backward, for torch.func
-    transforms: torch.func takes an autograd.Function only with a separate setup_context
-    (and a vmap rule), which the Function that register_autograd generates for an op does not
-    have. Returns the op's outputs."""
-
-    class Function(torch.autograd.Function):
-        generate_vmap_rule = True
-
-        @staticmethod
-        def forward(*args):
-            return getattr(_OPS[args[-1]], phase)(*args[:-1])
-
-        @staticmethod
-        def setup_context(ctx, inputs, output):
-            setup_context(ctx, inputs[:-1], output)
-            ctx.ops = _OPS[inputs[-1]]
-
-        @staticmethod
-        @once_differentiable
-        def backward(ctx, *grads):
-            _refuse_second_derivative()
-            return (*make_backward(ctx.ops)(ctx, *grads), None)
-
-    Function.__name__ = Function.__qualname__ = f"_{phase.capitalize()}Fn"
-    return Function
-
-
-_TrainFn = _functorch_function("train", _train_setup_context, _make_train_backward)
-_ApplyFn = _functorch_function("apply", _apply_setup_context, _make_apply_backward)
 
 
 def _register_autograd(ops):
@@ -426,10 +387,8 @@ class _BnReluConv2d(torch.autograd.Function):
     anyway: it is the previous convolution's output) and per-channel statistics, not the
     activation the convolution reads: backward recomputes it with one bn_act_apply pass.
     Eager saves x, the activation and the convolution's copy of it; this saves x.
-    Returns (y, mean, var, invstd). Forward and setup_context are separate (with a vmap
-    rule), so torch.func transforms take it too."""
-
-    generate_vmap_rule = True
+    Returns (y, mean, var, invstd). Its backward is not differentiable: a second derivative
+    through it is an error (once_differentiable)."""
 
     @staticmethod
     def forward(x, weight, bias, conv_weight, eps, stride, padding, dilation, groups, backend):
@@ -448,8 +407,6 @@ class _BnReluConv2d(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y, *_):
-        if torch._C._are_functorch_transforms_active():
-            _refuse_second_derivative()
         x, weight, bias, conv_weight, mean, invstd = ctx.saved_tensors
         ops = _OPS[ctx.backend]
         stride, padding, dilation, groups = ctx.conv
