@@ -767,28 +767,35 @@ def test_module_checks_match_the_functional_api(case, err, match):
         assert torch.equal(mod.state_dict()[k], v), k
 
 
-def test_module_eager_entry_counts_batches():
-    """num_batches_tracked counted by the C++ entries (forward and then_conv): momentum None is
-    the cumulative average, as nn.BatchNorm2d; no count in eval or without running stats."""
+@pytest.mark.parametrize("device, name", [("cpu", "cpp"), pytest.param("cuda", "cpp", marks=pytest.mark.gpu),
+                                          pytest.param("cuda", "triton", marks=pytest.mark.gpu)])
+def test_module_eager_entry_counts_batches(device, name):
+    """num_batches_tracked counted by the module's one-call entries (forward and then_conv):
+    momentum None is the cumulative average, as nn.BatchNorm2d; no count in eval or without
+    running stats, none for a rejected call."""
     torch.manual_seed(0)
     for momentum in (None, 0.3):
-        bn, fused = torch.nn.BatchNorm2d(4, momentum=momentum), skipfast.BatchNormAct2d(4, momentum=momentum)
-        conv = torch.nn.Conv2d(4, 2, 3, padding=1, bias=False)
-        for step in range(4):
-            x = torch.randn(3, 4, 5, 5, requires_grad=True)
-            if step % 2:
-                got, want = fused.then_conv(x, conv), conv(torch.relu(bn(x)))
-            else:
-                got, want = fused(x), torch.relu(bn(x))
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        for (name, a), b in zip(fused.named_buffers(), bn.buffers()):
-            torch.testing.assert_close(a, b, msg=name)
+        bn = torch.nn.BatchNorm2d(4, momentum=momentum).to(device)
+        fused = skipfast.BatchNormAct2d(4, momentum=momentum).to(device)
+        conv = torch.nn.Conv2d(4, 2, 3, padding=1, bias=False).to(device)
+        with backend(name):
+            for step in range(4):
+                x = torch.randn(3, 4, 5, 5, device=device, requires_grad=True)
+                if step % 2:
+                    got, want = fused.then_conv(x, conv), conv(torch.relu(bn(x)))
+                else:
+                    got, want = fused(x), torch.relu(bn(x))
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+            with pytest.raises(ValueError, match="residual must be on the device of x"):
+                fused(x, torch.randn(3, 4, 5, 5, device="meta"))
+        for (key, a), b in zip(fused.named_buffers(), bn.buffers()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=key)
         assert int(fused.num_batches_tracked) == 4
     fused.eval()
-    fused(torch.randn(3, 4, 5, 5))
+    fused(torch.randn(3, 4, 5, 5, device=device))
     assert int(fused.num_batches_tracked) == 4
-    untracked = skipfast.BatchNormAct2d(4, track_running_stats=False)
-    untracked(torch.randn(3, 4, 5, 5))
+    untracked = skipfast.BatchNormAct2d(4, track_running_stats=False).to(device)
+    untracked(torch.randn(3, 4, 5, 5, device=device))
     assert untracked.num_batches_tracked is None and untracked.running_mean is None
 
 

@@ -235,33 +235,6 @@ def test_bn_act_running_stats_and_stability(name, cl):
     _ok(y.cpu(), eager.cpu(), ref, "mean 1e4, std 1e-2")
 
 
-@pytest.mark.parametrize("name", GPU_BACKENDS)
-def test_bn_act_module_counts_and_checks(name):
-    """BatchNormAct2d on the GPU (the C++ backend's one-call entries, bn_act_forward_eager and
-    bn_act_relu_conv2d_eager): running statistics and num_batches_tracked as nn.BatchNorm2d,
-    momentum None included; a rejected call names the argument and changes no buffer."""
-    torch.manual_seed(0)
-    for momentum in (None, 0.1):
-        bn = torch.nn.BatchNorm2d(16, momentum=momentum).cuda()
-        fused = skipfast.BatchNormAct2d(16, momentum=momentum).cuda()
-        conv = torch.nn.Conv2d(16, 8, 3, padding=1, bias=False).cuda()
-        with backend(name):
-            for step in range(4):
-                x = torch.randn(4, 16, 9, 9, device="cuda", requires_grad=True)
-                if step % 2:
-                    got, want = fused.then_conv(x, conv), conv(torch.relu(bn(x)))
-                else:
-                    got, want = fused(x), torch.relu(bn(x))
-                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-            for (key, a), b in zip(fused.named_buffers(), bn.buffers()):
-                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=key)
-            state = {k: v.clone() for k, v in fused.state_dict().items()}
-            with pytest.raises(ValueError, match="residual must be on the device of x"):
-                fused(torch.randn(4, 16, 9, 9, device="cuda"), torch.randn(4, 16, 9, 9))
-            for k, v in fused.state_dict().items():
-                assert torch.equal(v, state[k]), k
-
-
 def test_bn_act_stats_ops_agree():
     """The phase ops (SyncBN's building blocks) of the two GPU backends agree."""
     x = torch.randn(8, 48, 30, 30, device="cuda").contiguous(memory_format=CL)
