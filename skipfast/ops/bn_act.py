@@ -44,9 +44,10 @@ convolution of ``batch_norm_relu_conv2d`` (``bn_act_relu_conv2d_eager``, the C++
 ``_BnReluConv2d``). BatchNormAct2d goes one step further in eager mode: its forward is one
 call of ``bn_act_forward_eager`` (this module's ``_validate`` checks, with the same messages,
 the num_batches_tracked count, then the training or eval entry), its then_conv one call of
-``bn_act_relu_conv2d_eager`` with the count. torch.compile traces the registered ops. torch.func transforms take the
-reference (skipfast/_backend.py). The kernels' backward is not differentiable: a second
-derivative through them (``create_graph=True``) is refused with an error.
+``bn_act_relu_conv2d_eager`` with the count. torch.compile traces the registered ops;
+torch.func transforms take the reference (skipfast/_backend.py). The kernels' backward is
+not differentiable: a second derivative through them (``create_graph=True``) is refused with
+an error.
 """
 from __future__ import annotations
 
