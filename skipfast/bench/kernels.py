@@ -22,8 +22,9 @@ from . import ceilings
 CL = torch.channels_last
 
 
-def device_us(fn, calls: int = 20) -> float:
-    """Mean GPU time per call of fn (µs), kernels only."""
+def device_us(fn, calls: int = 20, per_kernel: dict | None = None) -> float:
+    """Mean GPU time per call of fn (µs), kernels only. Where per_kernel is a dict, it gets
+    each kernel's mean time per call, by name."""
     fn()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -31,6 +32,10 @@ def device_us(fn, calls: int = 20) -> float:
             fn()
         torch.cuda.synchronize()
     gpu = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if per_kernel is not None:
+        for e in gpu:
+            name = e.name.split("(")[0].split("<")[0][-60:]
+            per_kernel[name] = per_kernel.get(name, 0.0) + e.time_range.elapsed_us() / calls
     return sum(e.time_range.elapsed_us() for e in gpu) / calls
 
 
@@ -45,6 +50,7 @@ def _bn_cases(shape, fmt):
     rm, rv = torch.zeros(c, device="cuda"), torch.ones(c, device="cuda")
     n = x.numel()
     e = x.element_size()
+    dst = torch.empty_like(x)
 
     def eager_train():
         return torch.relu(F.batch_norm(x, None, None, w, b, True, 0.1, 1e-5) + r)
@@ -75,7 +81,10 @@ def _bn_cases(shape, fmt):
     def fused_fb(xx, ww, bb, rr):
         return skipfast.ops.batch_norm_act(xx, ww, bb, None, None, training=True, residual=rr)
 
-    return [
+    def copy():
+        dst.copy_(x)
+
+    return (copy, 2 * n * e), [
         # (name, eager fn, fused fn, minimum bytes)
         ("bn_act train fwd", eager_train, fused_train, 3 * n * e),
         ("bn_act eval fwd", eager_eval, fused_eval, 3 * n * e),
@@ -114,12 +123,16 @@ def measure(calls: int = 20, families=FAMILIES) -> dict:
     rows = []
     for shape in BN_SHAPES if "bn_act" in families else ():
         for fmt, fname in ((torch.contiguous_format, "NCHW"), (CL, "NHWC")):
-            for name, eager, fused, nbytes in _bn_cases(shape, fmt):
-                row = {"case": f"{name} {list(shape)} {fname}", "min_bytes": nbytes, "us": {}}
+            (copy, copy_bytes), cases = _bn_cases(shape, fmt)
+            # the copy of x at this size: its rate is the ceiling a kernel of this size meets
+            copy_us = device_us(copy, calls)
+            for name, eager, fused, nbytes in cases:
+                row = {"case": f"{name} {list(shape)} {fname}", "min_bytes": nbytes, "us": {},
+                       "copy_us": copy_us, "copy_at_size_GBps": copy_bytes / copy_us / 1e3, "cpp_kernels": {}}
                 row["us"]["eager"] = device_us(eager, calls)
                 for backend in ("cpp", "triton"):
                     with _backend.forced(backend):
-                        row["us"][backend] = device_us(fused, calls)
+                        row["us"][backend] = device_us(fused, calls, row["cpp_kernels"] if backend == "cpp" else None)
                 rows.append(row)
     conv_shapes = ((64, 64, 64, 56, 3, 1), (64, 256, 64, 56, 1, 1), (64, 128, 128, 28, 3, 1), (64, 3, 64, 224, 7, 2))
     for args in conv_shapes if "conv" in families else ():
@@ -135,16 +148,24 @@ def measure(calls: int = 20, families=FAMILIES) -> dict:
 def table(doc: dict) -> str:
     lines = [f"GPU kernel time per call (torch.profiler, {doc['calls']} calls; host overhead excluded) on "
              f"{doc['device']}; copy ceiling {doc['copy_GBps']:.0f} GB/s",
-             "| case | eager | cpp | triton | best fused vs eager | best fused achieved |", "|---|---:|---:|---:|---:|---:|"]
+             "| case | eager | cpp | triton | best fused vs eager | best fused achieved | of a copy of x's size |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for row in doc["rows"]:
         us = row["us"]
         best = min(us["cpp"], us["triton"])
         if "min_bytes" in row:
-            ach = f"{row['min_bytes'] / best / 1e3:.0f} GB/s ({row['min_bytes'] / best / 1e3 / doc['copy_GBps']:.0%} of copy)"
+            gbps = row["min_bytes"] / best / 1e3
+            ach = f"{gbps:.0f} GB/s ({gbps / doc['copy_GBps']:.0%} of copy)"
+            at_size = f"{gbps / row['copy_at_size_GBps']:.0%} of {row['copy_at_size_GBps']:.0f} GB/s"
         else:
             ach = f"{row['flops'] / best / 1e6:.0f} TFLOP/s"
+            at_size = ""
         lines.append(f"| {row['case']} | {us['eager']:.1f} us | {us['cpp']:.1f} us | {us['triton']:.1f} us | "
-                     f"{us['eager'] / best:.2f}x | {ach} |")
+                     f"{us['eager'] / best:.2f}x | {ach} | {at_size} |")
+    for row in doc["rows"]:
+        if row.get("cpp_kernels"):
+            parts = ", ".join(f"{k} {v:.1f}" for k, v in row["cpp_kernels"].items())
+            lines.append(f"- cpp {row['case']}: {parts} us")
     return "\n".join(lines)
 
 
