@@ -23,7 +23,10 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <cooperative_groups.h>
+
 #include <algorithm>
+#include <cstdlib>
 
 #include "bn_act.h"
 #include "common.h"
@@ -481,6 +484,374 @@ __global__ void elemt_kernel(const scalar_t* __restrict__ dy, const scalar_t* __
   }
 }
 
+// ---- training forward and backward in one launch each, the tensors held on chip ----
+// Where a pass's tensors fit in the shared memory of one block per multiprocessor, one
+// cooperative launch does the pass and reads each input from memory once (the two-pass
+// path reads x, or dy and x, twice, and launches three kernels):
+//   1. block b copies its chunk (L elements from b * L, L a multiple of 8 so no mask byte
+//      is shared between blocks) into shared memory: x for the forward; dy' (dy where the
+//      ReLU passed, else 0) and x for the backward. It adds the chunk's per-channel sums in
+//      a fixed order and writes one pair per (block, channel) to the workspace;
+//   2. grid barrier; one warp per channel adds the blocks' pairs in block order (the
+//      finalize kernels' math): mean, var, invstd, or sum_dy, sum_dy_xhat;
+//   3. grid barrier; each block runs the elementwise pass over its chunk from shared
+//      memory: out and the mask as apply_kernel, or dx and dr as elemt_kernel.
+// Sums over a chunk: channels_last, task (channel c, row group g) walks c's elements of
+// rows g, g + groups, ...; NCHW, a warp per plane segment (the chunk's part of one (n, c)
+// plane), then a thread per channel adds its segments in order.
+constexpr int kOnchipThreads = 1024;
+
+// A block's part of the flat tensor: elements start .. start + len - 1.
+struct Chunk {
+  int64_t start;
+  int len;
+  __device__ Chunk(int64_t n, int64_t chunk)
+      : start(int64_t(blockIdx.x) * chunk), len(int(std::min<int64_t>(chunk, n - int64_t(blockIdx.x) * chunk))) {}
+};
+
+// Copies the chunk of src into dst (shared memory), four 16-byte vectors per thread in
+// flight. With a mask, elements whose bit is 0 are stored as 0.
+template <typename scalar_t>
+__device__ void stage(scalar_t* dst, const scalar_t* src, const uint8_t* mask, Chunk ch, bool vectorized) {
+  using P = Pack<scalar_t, vec16<scalar_t>()>;
+  constexpr int E = vec16<scalar_t>(), U = 4;
+  const int T = blockDim.x;
+  for (int base = threadIdx.x * E; base < ch.len; base += T * E * U) {
+    P v[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int i = base + u * T * E;
+      if (vectorized && i + E <= ch.len) {
+        v[u] = *reinterpret_cast<const P*>(src + ch.start + i);
+      } else {
+#pragma unroll
+        for (int k = 0; k < E; ++k) {
+          if (i + k < ch.len) v[u].v[k] = src[ch.start + i + k];
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int i = base + u * T * E;
+      if (i >= ch.len) break;
+      if (mask) {
+        const int64_t gi = ch.start + i;
+        const unsigned bits = unsigned(mask[gi >> 3]) >> (gi & 7);
+#pragma unroll
+        for (int k = 0; k < E; ++k) {
+          if (!((bits >> k) & 1u)) v[u].v[k] = scalar_t(0);
+        }
+      }
+      if (i + E <= ch.len) {
+        *reinterpret_cast<P*>(dst + i) = v[u];
+      } else {
+#pragma unroll
+        for (int k = 0; k < E; ++k) {
+          if (i + k < ch.len) dst[i + k] = v[u].v[k];
+        }
+      }
+    }
+  }
+}
+
+// The forward's terms: shifted value and its square (center: the channel's pivot).
+template <typename scalar_t>
+struct StatTerms {
+  const scalar_t* xs;  // the chunk, in shared memory
+  const scalar_t* x;   // the whole tensor: pivots
+  int64_t pivot_stride;
+  __device__ float center(int64_t c) const { return static_cast<float>(x[c * pivot_stride]); }
+  __device__ void add(float2& s, int i, float center) const {
+    const float v = static_cast<float>(xs[i]) - center;
+    s.x += v;
+    s.y += v * v;
+  }
+};
+
+// The backward's terms: dy' and dy' * (x - mean).
+template <typename scalar_t>
+struct GradTerms {
+  const scalar_t* gs;  // dy' of the chunk, in shared memory
+  const scalar_t* xs;  // x of the chunk, in shared memory
+  const float* mean;
+  __device__ float center(int64_t c) const { return mean[c]; }
+  __device__ void add(float2& s, int i, float center) const {
+    const float g = static_cast<float>(gs[i]);
+    s.x += g;
+    s.y += g * (static_cast<float>(xs[i]) - center);
+  }
+};
+
+// This block's sums per channel over its chunk, in a fixed order, into partial[0 .. C - 1]
+// (zero for channels the chunk does not hold). aux: shared memory, kOnchipThreads pairs
+// (channels_last) or chunk / HW + 2 pairs (NCHW). Ends with the block synchronized.
+template <typename Terms>
+__device__ void chunk_sums(const Terms& terms, Chunk ch, const Layout& L, float2* aux, float2* partial) {
+  const int T = blockDim.x, tid = threadIdx.x, lane = tid % kWarp, W = T / kWarp;
+  const int64_t C = L.C;
+  __syncthreads();  // the chunk is staged
+  if (L.cl) {
+    const int64_t off = ch.start % C, groups = C >= T ? 1 : T / C;
+    for (int64_t task = tid; task < C * groups; task += T) {
+      const int64_t c = task % C, g = task / C;
+      const float center = terms.center(c);
+      float2 acc = make_float2(0.f, 0.f);
+      for (int64_t i = (c - off + C) % C + g * C; i < ch.len; i += groups * C) terms.add(acc, int(i), center);
+      if (groups == 1) {
+        partial[c] = acc;
+      } else {
+        aux[task] = acc;
+      }
+    }
+    if (groups > 1) {
+      __syncthreads();
+      for (int64_t c = tid; c < C; c += T) {
+        float2 acc = make_float2(0.f, 0.f);
+        for (int64_t g = 0; g < groups; ++g) add2(acc, aux[g * C + c]);
+        partial[c] = acc;
+      }
+    }
+  } else {
+    const int64_t HW = L.HW, p0 = ch.start / HW, segs = (ch.start + ch.len - 1) / HW - p0 + 1;
+    for (int64_t s = tid / kWarp; s < segs; s += W) {
+      const int64_t p = p0 + s;
+      const int lo = int(std::max<int64_t>(p * HW, ch.start) - ch.start);
+      const int hi = int(std::min<int64_t>((p + 1) * HW, ch.start + ch.len) - ch.start);
+      const float center = terms.center(p % C);
+      float2 acc = make_float2(0.f, 0.f);
+      for (int i = lo + lane; i < hi; i += kWarp) terms.add(acc, i, center);
+      acc = warp_sum(acc);
+      if (lane == 0) aux[s] = acc;
+    }
+    __syncthreads();
+    for (int64_t c = tid; c < C; c += T) {
+      float2 acc = make_float2(0.f, 0.f);
+      for (int64_t s = ((c - p0) % C + C) % C; s < segs; s += C) add2(acc, aux[s]);
+      partial[c] = acc;
+    }
+  }
+}
+
+// Grid barrier, the workspace and outputs written before it visible after it.
+__device__ inline void grid_barrier() {
+  __threadfence();
+  cooperative_groups::this_grid().sync();
+}
+
+// Step 2: one warp per channel adds the blocks' pairs in block order; lane 0 calls
+// done(c, total).
+template <typename Done>
+__device__ void finalize_channels(const float2* partial, int64_t C, Done done) {
+  const int lane = threadIdx.x % kWarp, W = blockDim.x / kWarp, G = gridDim.x;
+  for (int64_t c = int64_t(blockIdx.x) * W + threadIdx.x / kWarp; c < C; c += int64_t(G) * W) {
+    float2 t = make_float2(0.f, 0.f);
+    for (int b = lane; b < G; b += kWarp) add2(t, partial[int64_t(b) * C + c]);
+    t = warp_sum(t);
+    if (lane == 0) done(c, t);
+  }
+}
+
+// Shared memory of a chunk: `tensors` arrays of chunk elements, 16-byte aligned, then aux.
+template <typename scalar_t>
+__device__ inline scalar_t* staged(unsigned char* smem, int64_t chunk, int k) {
+  return reinterpret_cast<scalar_t*>(smem + k * ((chunk * int64_t(sizeof(scalar_t)) + 15) / 16 * 16));
+}
+
+template <typename scalar_t>
+struct OnchipTrainArgs {
+  const scalar_t* x;
+  const scalar_t* r;
+  scalar_t* out;
+  uint8_t* mask;
+  const float* weight;
+  const float* bias;
+  float* mean;
+  float* var;
+  float* invstd;
+  float2* partial;  // [blocks, C]
+  int64_t n, chunk;
+  Layout L;
+  float count, eps;
+  bool vectorized;  // x, r, out aligned to 16 bytes
+};
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kOnchipThreads, 1) onchip_train_kernel(OnchipTrainArgs<scalar_t> a) {
+  using P = Pack<scalar_t, vec16<scalar_t>()>;
+  constexpr int E = vec16<scalar_t>(), R = 8 / E;
+  extern __shared__ __align__(16) unsigned char smem[];
+  scalar_t* xs = staged<scalar_t>(smem, a.chunk, 0);
+  float2* aux = reinterpret_cast<float2*>(staged<scalar_t>(smem, a.chunk, 1));
+  const Chunk ch(a.n, a.chunk);
+  const int64_t C = a.L.C, pivot_stride = a.L.cl ? 1 : a.L.HW;
+
+  stage<scalar_t>(xs, a.x, nullptr, ch, a.vectorized);
+  chunk_sums(StatTerms<scalar_t>{xs, a.x, pivot_stride}, ch, a.L, aux, a.partial + int64_t(blockIdx.x) * C);
+  grid_barrier();
+  finalize_channels(a.partial, C, [&](int64_t c, float2 t) {
+    const Welford<float> w = welford_from_shifted<float>(a.count, static_cast<float>(a.x[c * pivot_stride]), t.x, t.y);
+    const float v = biased_var(w);
+    a.mean[c] = w.mean;
+    a.var[c] = v;
+    a.invstd[c] = invstd_of<float>(v, a.eps);
+  });
+  grid_barrier();
+
+  // normalize + residual + ReLU, a thread per E elements as apply_kernel
+  const int lane = threadIdx.x % kWarp, slots = (ch.len + E - 1) / E;
+  for (int base = int(threadIdx.x) - lane; base < slots; base += blockDim.x) {  // warp-uniform
+    const int t = base + lane, i0 = t * E;
+    const int cnt = t < slots ? std::min(E, ch.len - i0) : 0;
+    const int64_t gi = ch.start + i0;
+    P xv, rv, ov;
+    if (cnt == E) {
+      xv = *reinterpret_cast<const P*>(xs + i0);
+      if (a.r) {
+        if (a.vectorized) {
+          rv = *reinterpret_cast<const P*>(a.r + gi);
+        } else {
+#pragma unroll
+          for (int k = 0; k < E; ++k) rv.v[k] = a.r[gi + k];
+        }
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < E; ++k) {
+        if (k < cnt) {
+          xv.v[k] = xs[i0 + k];
+          if (a.r) rv.v[k] = a.r[gi + k];
+        }
+      }
+    }
+    unsigned bits = 0;
+    if (cnt > 0) {
+      ChannelWalk w(a.L, gi);
+      int64_t cc = -1;
+      float m = 0.f, sc = 0.f, b = 0.f;
+#pragma unroll
+      for (int k = 0; k < E; ++k) {
+        if (k < cnt) {
+          if (w.c != cc) {
+            cc = w.c;
+            m = a.mean[cc];
+            sc = scale_of<float>(a.weight, cc, a.invstd[cc]);
+            b = bias_of<float>(a.bias, cc);
+          }
+          float y = normalize<float>(static_cast<float>(xv.v[k]), m, sc, b);
+          if (a.r) y += static_cast<float>(rv.v[k]);
+          if (a.mask) {
+            bits |= unsigned(passes(y)) << k;
+            y = relu(y);
+          }
+          ov.v[k] = static_cast<scalar_t>(y);
+          w.step(a.L);
+        }
+      }
+      if (cnt == E && a.vectorized) {
+        *reinterpret_cast<P*>(a.out + gi) = ov;
+      } else {
+#pragma unroll
+        for (int k = 0; k < E; ++k) {
+          if (k < cnt) a.out[gi + k] = ov.v[k];
+        }
+      }
+    }
+    if (a.mask) {
+      if constexpr (R == 2) bits |= __shfl_down_sync(0xffffffffu, bits, 1) << E;
+      if (t % R == 0 && cnt > 0) a.mask[gi >> 3] = uint8_t(bits);
+    }
+  }
+}
+
+template <typename scalar_t>
+struct OnchipBackwardArgs {
+  const scalar_t* dy;
+  const scalar_t* x;
+  const uint8_t* mask;  // null: no ReLU
+  const float* mean;
+  const float* invstd;
+  const float* weight;
+  scalar_t* dx;
+  scalar_t* dr;  // null: not wanted
+  float* sum_dy;
+  float* sum_dy_xhat;
+  float2* partial;  // [blocks, C]
+  int64_t n, chunk;
+  Layout L;
+  float inv_count;
+  bool vectorized;  // dy, x, dx, dr aligned to 16 bytes
+};
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kOnchipThreads, 1) onchip_backward_kernel(OnchipBackwardArgs<scalar_t> a) {
+  using P = Pack<scalar_t, vec16<scalar_t>()>;
+  constexpr int E = vec16<scalar_t>();
+  extern __shared__ __align__(16) unsigned char smem[];
+  scalar_t* gs = staged<scalar_t>(smem, a.chunk, 0);
+  scalar_t* xs = staged<scalar_t>(smem, a.chunk, 1);
+  float2* aux = reinterpret_cast<float2*>(staged<scalar_t>(smem, a.chunk, 2));
+  const Chunk ch(a.n, a.chunk);
+  const int64_t C = a.L.C;
+
+  stage<scalar_t>(gs, a.dy, a.mask, ch, a.vectorized);
+  stage<scalar_t>(xs, a.x, nullptr, ch, a.vectorized);
+  chunk_sums(GradTerms<scalar_t>{gs, xs, a.mean}, ch, a.L, aux, a.partial + int64_t(blockIdx.x) * C);
+  grid_barrier();
+  finalize_channels(a.partial, C, [&](int64_t c, float2 t) {
+    a.sum_dy[c] = t.x;
+    a.sum_dy_xhat[c] = t.y * a.invstd[c];
+  });
+  grid_barrier();
+
+  // dx = dy' * k + (x - mean) * a + b0 and dr = dy', a thread per E elements as elemt_kernel
+  const int slots = (ch.len + E - 1) / E;
+  for (int t = threadIdx.x; t < slots; t += blockDim.x) {
+    const int i0 = t * E, cnt = std::min(E, ch.len - i0);
+    const int64_t gi = ch.start + i0;
+    P gv, xv, dxv;
+    if (cnt == E) {
+      gv = *reinterpret_cast<const P*>(gs + i0);
+      xv = *reinterpret_cast<const P*>(xs + i0);
+    } else {
+#pragma unroll
+      for (int k = 0; k < E; ++k) {
+        if (k < cnt) {
+          gv.v[k] = gs[i0 + k];
+          xv.v[k] = xs[i0 + k];
+        }
+      }
+    }
+    ChannelWalk w(a.L, gi);
+    int64_t cc = -1;
+    float m = 0.f;
+    BackwardCoefs<float> co{};
+#pragma unroll
+    for (int k = 0; k < E; ++k) {
+      if (k < cnt) {
+        if (w.c != cc) {
+          cc = w.c;
+          m = a.mean[cc];
+          co = backward_coefs<float>(a.weight, cc, a.invstd[cc], true, a.sum_dy[cc], a.sum_dy_xhat[cc], a.inv_count);
+        }
+        dxv.v[k] = static_cast<scalar_t>(grad_input<float>(static_cast<float>(gv.v[k]), static_cast<float>(xv.v[k]), m, co));
+        w.step(a.L);
+      }
+    }
+    if (cnt == E && a.vectorized) {
+      *reinterpret_cast<P*>(a.dx + gi) = dxv;
+      if (a.dr) *reinterpret_cast<P*>(a.dr + gi) = gv;
+    } else {
+#pragma unroll
+      for (int k = 0; k < E; ++k) {
+        if (k < cnt) {
+          a.dx[gi + k] = dxv.v[k];
+          if (a.dr) a.dr[gi + k] = gv.v[k];
+        }
+      }
+    }
+  }
+}
+
 // ---- host entry points ----
 
 at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
@@ -537,6 +908,155 @@ void apply_into(const at::Tensor& xc, const at::Tensor& mean, const at::Tensor& 
   });
 }
 
+// ---- one-launch passes: planning and launch ----
+
+// Device facts the one-launch passes need, read once per device.
+struct OnchipDevice {
+  int sms = 0, smem_optin = 0;
+  bool cooperative = false;
+};
+
+const OnchipDevice& onchip_device(int dev) {
+  static OnchipDevice known[64];
+  static bool read[64] = {};
+  TORCH_CHECK(dev >= 0 && dev < 64, "skipfast.bn_act: CUDA device index ", dev, " out of range");
+  if (!read[dev]) {
+    int coop = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&known[dev].sms, cudaDevAttrMultiProcessorCount, dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&known[dev].smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev));
+    known[dev].cooperative = coop != 0;
+    read[dev] = true;
+  }
+  return known[dev];
+}
+
+// Blocks, chunk and shared memory of a one-launch pass over xc that holds `held` arrays of
+// the chunk; blocks == 0 where they do not fit, where the device has no cooperative launch,
+// or where SKIPFAST_BN_ONCHIP=0 asks for the multi-kernel path.
+struct OnchipPlan {
+  int64_t blocks = 0, chunk = 0, smem = 0;
+};
+
+template <typename scalar_t, typename Args>
+OnchipPlan onchip_plan(void (*kernel)(Args), bool (&opted_in)[64], const at::Tensor& xc, int held) {
+  const char* env = std::getenv("SKIPFAST_BN_ONCHIP");
+  if (env != nullptr && env[0] == '0' && env[1] == '\0') return {};
+  const int dev = xc.get_device();
+  const OnchipDevice& d = onchip_device(dev);
+  if (!d.cooperative) return {};
+  constexpr int64_t E = vec16<scalar_t>(), T = kOnchipThreads;
+  const int64_t n = xc.numel(), HW = xc.size(2) * xc.size(3);
+  OnchipPlan p;
+  p.blocks = std::clamp<int64_t>((n + T * E - 1) / (T * E), 1, d.sms);
+  p.chunk = ((n + p.blocks - 1) / p.blocks + 7) / 8 * 8;
+  p.blocks = (n + p.chunk - 1) / p.chunk;
+  const bool cl = layout_of(xc) == at::MemoryFormat::ChannelsLast;
+  const int64_t aux = cl ? T : p.chunk / HW + 2;
+  p.smem = held * ((p.chunk * int64_t(sizeof(scalar_t)) + 15) / 16 * 16) + aux * int64_t(sizeof(float2));
+  if (p.smem > d.smem_optin) return {};
+  if (!opted_in[dev]) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, d.smem_optin));
+    opted_in[dev] = true;
+  }
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, int(T), size_t(p.smem)));
+  if (int64_t(per_sm) * d.sms < p.blocks) return {};
+  return p;
+}
+
+// Launches kernel(args) cooperatively; false (nothing launched) where the device cannot
+// hold the grid now (another context holds part of it).
+template <typename Args>
+bool onchip_launch(void (*kernel)(Args), const OnchipPlan& p, Args args) {
+  void* params[] = {&args};
+  const cudaError_t err =
+      cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(unsigned(p.blocks)),
+                                  dim3(unsigned(kOnchipThreads)), params, size_t(p.smem),
+                                  c10::cuda::getCurrentCUDAStream());
+  if (err == cudaErrorCooperativeLaunchTooLarge) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  C10_CUDA_CHECK(err);
+  return true;
+}
+
+// The training forward in one launch where x fits on chip; false where it does not.
+bool onchip_train(const at::Tensor& xc, const at::Tensor& rc, const at::Tensor& w, const at::Tensor& b, double eps,
+                  at::Tensor& mean, at::Tensor& var, at::Tensor& invstd, at::Tensor& out, at::Tensor& mask) {
+  bool launched = false;
+  DISPATCH_CUDA_FLOATS(xc.scalar_type(), "bn_act_train_onchip_cuda", [&] {
+    static bool opted_in[64] = {};
+    const auto kernel = onchip_train_kernel<scalar_t>;
+    const OnchipPlan p = onchip_plan<scalar_t>(kernel, opted_in, xc, /*held=*/1);
+    if (p.blocks == 0) return;
+    const Layout L = layout(xc);
+    auto ws = at::empty({p.blocks * L.C * 2}, xc.options().dtype(at::kFloat));
+    const bool vec = aligned16(xc.const_data_ptr()) && aligned16(out.data_ptr()) &&
+                     (!rc.defined() || aligned16(rc.const_data_ptr()));
+    OnchipTrainArgs<scalar_t> args{xc.const_data_ptr<scalar_t>(),
+                                   rc.defined() ? rc.const_data_ptr<scalar_t>() : nullptr,
+                                   out.mutable_data_ptr<scalar_t>(),
+                                   mask.numel() ? mask.mutable_data_ptr<uint8_t>() : nullptr,
+                                   ptr_or_null<float>(w),
+                                   ptr_or_null<float>(b),
+                                   mean.mutable_data_ptr<float>(),
+                                   var.mutable_data_ptr<float>(),
+                                   invstd.mutable_data_ptr<float>(),
+                                   reinterpret_cast<float2*>(ws.mutable_data_ptr<float>()),
+                                   xc.numel(),
+                                   p.chunk,
+                                   L,
+                                   static_cast<float>(xc.numel() / L.C),
+                                   static_cast<float>(eps),
+                                   vec};
+    launched = onchip_launch(kernel, p, args);
+  });
+  return launched;
+}
+
+// The training backward (both reductions and the input gradient) in one launch where dy'
+// and x fit on chip: (dx, dr, sum_dy, sum_dy_xhat); nothing where they do not.
+std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>> onchip_backward(
+    const at::Tensor& gc, const at::Tensor& xc, const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& w,
+    const at::Tensor& mask, bool grad_residual) {
+  std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>> result;
+  DISPATCH_CUDA_FLOATS(xc.scalar_type(), "bn_act_backward_onchip_cuda", [&] {
+    static bool opted_in[64] = {};
+    const auto kernel = onchip_backward_kernel<scalar_t>;
+    const OnchipPlan p = onchip_plan<scalar_t>(kernel, opted_in, xc, /*held=*/2);
+    if (p.blocks == 0) return;
+    const Layout L = layout(xc);
+    const auto fmt = layout_of(xc);
+    auto opts = xc.options().dtype(at::kFloat);
+    auto dx = at::empty_like(xc, xc.options().memory_format(fmt));
+    auto dr = grad_residual ? at::empty_like(xc, xc.options().memory_format(fmt)) : at::empty({0}, xc.options());
+    auto sum_dy = at::empty({L.C}, opts), sum_dy_xhat = at::empty({L.C}, opts);
+    auto ws = at::empty({p.blocks * L.C * 2}, opts);
+    const bool vec = aligned16(gc.const_data_ptr()) && aligned16(xc.const_data_ptr()) && aligned16(dx.data_ptr()) &&
+                     (!grad_residual || aligned16(dr.data_ptr()));
+    OnchipBackwardArgs<scalar_t> args{gc.const_data_ptr<scalar_t>(),
+                                      xc.const_data_ptr<scalar_t>(),
+                                      ptr_or_null<uint8_t>(mask),
+                                      mean.const_data_ptr<float>(),
+                                      invstd.const_data_ptr<float>(),
+                                      ptr_or_null<float>(w),
+                                      dx.mutable_data_ptr<scalar_t>(),
+                                      grad_residual ? dr.mutable_data_ptr<scalar_t>() : nullptr,
+                                      sum_dy.mutable_data_ptr<float>(),
+                                      sum_dy_xhat.mutable_data_ptr<float>(),
+                                      reinterpret_cast<float2*>(ws.mutable_data_ptr<float>()),
+                                      xc.numel(),
+                                      p.chunk,
+                                      L,
+                                      1.f / static_cast<float>(xc.numel() / L.C),
+                                      vec};
+    if (onchip_launch(kernel, p, args)) result.emplace(dx, dr, sum_dy, sum_dy_xhat);
+  });
+  return result;
+}
+
 std::tuple<at::Tensor, at::Tensor> stats_cuda(const at::Tensor& x) {
   constexpr const char* op = "skipfast.bn_act_stats";
   check_x(op, x);
@@ -583,10 +1103,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> train_cud
   auto mean = at::empty({C}, opts), var = at::empty({C}, opts), invstd = at::empty({C}, opts);
   auto [out, mask] = new_out_and_mask(xc, relu);
   if (x.numel() == 0) return {out, mean, var, invstd, mask};
-  stats_into(xc, eps, mean, var, &invstd);
   auto rc = opt(residual) ? opt(residual)->contiguous(fmt) : at::Tensor();
-  apply_into(xc, mean, invstd, contiguous_or_undefined(weight), contiguous_or_undefined(bias), rc, out, mask,
-             /*reverse=*/true);
+  auto wc = contiguous_or_undefined(weight), bc = contiguous_or_undefined(bias);
+  if (!onchip_train(xc, rc, wc, bc, eps, mean, var, invstd, out, mask)) {
+    stats_into(xc, eps, mean, var, &invstd);
+    apply_into(xc, mean, invstd, wc, bc, rc, out, mask, /*reverse=*/true);
+  }
   return {out, mean, var, invstd, mask};
 }
 
@@ -657,6 +1179,29 @@ std::tuple<at::Tensor, at::Tensor> backward_elemt_cuda(const at::Tensor& grad_ou
   return {dx, dr};
 }
 
+// Training backward: backward_reduce then backward_elemt, in one launch where they fit on
+// chip. Returns (grad_x, grad_residual, sum_dy, sum_dy_xhat).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_train_cuda(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& mask, bool grad_residual) {
+  constexpr const char* op = "skipfast.bn_act_backward_train";
+  check_x(op, x);
+  check_not_double(op, x);
+  check_backward_reduce_args(op, grad_out, x, mean, invstd, mask);
+  check_opt_channel_vector(op, "weight", weight, x);
+  c10::cuda::CUDAGuard guard(x.device());
+  if (x.numel() > 0) {
+    const auto fmt = layout_of(x);
+    auto fused = onchip_backward(grad_out.contiguous(fmt), x.contiguous(fmt), mean.contiguous(), invstd.contiguous(),
+                                 contiguous_or_undefined(weight), contiguous_or_undefined(mask), grad_residual);
+    if (fused) return *fused;
+  }
+  auto [sum_dy, sum_dy_xhat] = backward_reduce_cuda(grad_out, x, mean, invstd, mask);
+  auto [dx, dr] = backward_elemt_cuda(grad_out, x, mean, invstd, weight, mask, sum_dy, sum_dy_xhat,
+                                      x.size(1) ? x.numel() / x.size(1) : 0, grad_residual);
+  return {dx, dr, sum_dy, sum_dy_xhat};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(skipfast, CUDA, m) {
@@ -665,6 +1210,7 @@ TORCH_LIBRARY_IMPL(skipfast, CUDA, m) {
   m.impl("bn_act_train", &train_cuda);
   m.impl("bn_act_backward_reduce", &backward_reduce_cuda);
   m.impl("bn_act_backward_elemt", &backward_elemt_cuda);
+  m.impl("bn_act_backward_train", &backward_train_cuda);
 }
 
 }  // namespace skipfast
