@@ -51,11 +51,11 @@ const auto& reduce_op() {
   return h;
 }
 
-const auto& backward_train_op() {
+const auto& elemt_op() {
   static const auto h =
-      op<std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                                    const OptTensor&, const OptTensor&, bool)>(
-          "skipfast::bn_act_backward_train");
+      op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                                    const OptTensor&, const OptTensor&, const OptTensor&, int64_t, bool)>(
+          "skipfast::bn_act_backward_elemt");
   return h;
 }
 
@@ -102,15 +102,12 @@ struct TrainFn : public torch::autograd::Function<TrainFn> {
     if (!grad_out.defined()) return result;
     check_first_order(grad_out, {x, weight});
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // the phase ops have no autograd of their own
-    Tensor sum_dy, sum_dy_xhat;
+    auto [sum_dy, sum_dy_xhat] = reduce_op().call(grad_out, x, mean, invstd, opt_if(mask));
     if (need_x || (need_r && relu)) {
-      auto [gx, gr, s1, s2] =
-          backward_train_op().call(grad_out, x, mean, invstd, opt_if(weight), opt_if(mask), need_r && relu);
+      auto [gx, gr] = elemt_op().call(grad_out, x, mean, invstd, opt_if(weight), opt_if(mask), sum_dy, sum_dy_xhat,
+                                      x.numel() / x.size(1), need_r && relu);
       if (need_x) result[0] = gx;
       if (need_r && relu) result[3] = gr;
-      sum_dy = s1, sum_dy_xhat = s2;
-    } else {
-      std::tie(sum_dy, sum_dy_xhat) = reduce_op().call(grad_out, x, mean, invstd, opt_if(mask));
     }
     if (need_r && !relu) result[3] = grad_out;
     if (need_w) result[1] = sum_dy_xhat;
@@ -162,12 +159,10 @@ struct BnReluConvFn : public torch::autograd::Function<BnReluConvFn> {
         ctx->saved_data["padding"].toIntVector(), ctx->saved_data["dilation"].toIntVector(), false, {0, 0},
         ctx->saved_data["groups"].toInt(), {need_bn, need_cw, false});
     if (need_bn) {
-      Tensor sum_dy, sum_dy_xhat;
+      auto [sum_dy, sum_dy_xhat] = reduce_op().call(grad_a, x, mean, invstd, mask);
       if (need_x) {
-        std::tie(result[0], std::ignore, sum_dy, sum_dy_xhat) =
-            backward_train_op().call(grad_a, x, mean, invstd, opt_if(weight), mask, false);
-      } else {
-        std::tie(sum_dy, sum_dy_xhat) = reduce_op().call(grad_a, x, mean, invstd, mask);
+        result[0] = std::get<0>(elemt_op().call(grad_a, x, mean, invstd, opt_if(weight), mask, sum_dy, sum_dy_xhat,
+                                                x.numel() / x.size(1), false));
       }
       if (need_w) result[1] = sum_dy_xhat;
       if (need_b) result[2] = sum_dy;

@@ -39,11 +39,6 @@ TORCH_LIBRARY(skipfast, m) {
   m.def("bn_act_backward_elemt(Tensor grad_out, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, "
         "Tensor? mask, Tensor? sum_dy, Tensor? sum_dy_xhat, int count, bool grad_residual) "
         "-> (Tensor grad_x, Tensor grad_residual)");
-  // Training backward in one call: backward_reduce, then backward_elemt with its sums
-  // (count = values per channel of x).
-  m.def("bn_act_backward_train(Tensor grad_out, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, "
-        "Tensor? mask, bool grad_residual) -> (Tensor grad_x, Tensor grad_residual, Tensor sum_dy, "
-        "Tensor sum_dy_xhat)");
   // Training forward in one call: stats, then apply.
   m.def("bn_act_train(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, float eps, bool relu) "
         "-> (Tensor out, Tensor mean, Tensor var, Tensor invstd, Tensor mask)");

@@ -7,7 +7,6 @@ eager PyTorch's error in the same dtype on the same GPU, plus a floor (1e-5 x sc
 float32, one ulp x scale for float16/bfloat16). TF32 is off in this file so float32 means
 float32 for cuDNN, cuBLAS and Triton alike.
 """
-import contextlib
 import copy
 
 import pytest
@@ -165,119 +164,35 @@ def _clear_of_relu_kink(x, w, b, r, delta, running=None):
     return (r.double() + step).float()
 
 
-# bn_act's GPU paths: CUDA C++ (one launch per pass where the tensors fit on chip, as every
-# shape of these tests does), CUDA C++ with the multi-kernel passes, Triton.
-BN_PATHS = ("cpp", "cpp-two-pass", "triton")
-
-
-@contextlib.contextmanager
-def bn_path(name, monkeypatch):
-    if name == "cpp-two-pass":
-        monkeypatch.setenv("SKIPFAST_BN_ONCHIP", "0")
-    with backend("cpp" if name == "cpp-two-pass" else name):
-        yield
-
-
-@pytest.mark.parametrize("name", BN_PATHS)
+@pytest.mark.parametrize("name", GPU_BACKENDS)
 @pytest.mark.parametrize("shape", BN_SHAPES)
 @pytest.mark.parametrize("cl", [False, True])
 @pytest.mark.parametrize("residual, activation", [(True, "relu"), (False, "relu"), (True, None)])
-def test_bn_act_train_fp32(name, shape, cl, residual, activation, monkeypatch):
+def test_bn_act_train_fp32(name, shape, cl, residual, activation):
     c = shape[1]
     x, r = torch.randn(shape) * 2 + 0.5, torch.randn(shape)
     w, b = torch.rand(c) + 0.5, torch.randn(c)
     if residual and activation:
         r = _clear_of_relu_kink(x, w, b, r, 1e-3)
-    with bn_path(name, monkeypatch):
+    with backend(name):
         _compare(_bn_fn(True, residual, activation), _bn_fn(True, residual, activation, fused=False),
                  [x, w, b, r], torch.float32, cl, ["x", "weight", "bias", "residual"])
 
 
-@pytest.mark.parametrize("name", BN_PATHS)
+@pytest.mark.parametrize("name", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("cl", [False, True])
 @pytest.mark.parametrize("training", [True, False])
-def test_bn_act_half(name, dtype, cl, training, monkeypatch):
+def test_bn_act_half(name, dtype, cl, training):
     shape = (16, 64, 28, 28)
     x, r = torch.randn(shape), torch.randn(shape)
     w, b = torch.rand(64) + 0.5, torch.randn(64)
     rm, rv = torch.randn(64, device="cuda"), torch.rand(64, device="cuda") + 0.5
     r = _clear_of_relu_kink(x, w, b, r, 0.05, None if training else (rm, rv))
-    with bn_path(name, monkeypatch):
+    with backend(name):
         _compare(_bn_fn(training, True, "relu", rm.clone(), rv.clone()),
                  _bn_fn(training, True, "relu", rm.clone(), rv.clone(), fused=False),
                  [x, w, b, r], dtype, cl, ["x", "weight", "bias", "residual"], fp32=(1, 2))
-
-
-def _kernel_names(fn):
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return " ".join(e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("cl", [False, True])
-@pytest.mark.parametrize("shape", [(4, 64, 28, 28), (3, 5, 7, 3), (2, 1500, 3, 3), (16, 24, 1, 1), (1, 7, 33, 65)])
-@pytest.mark.parametrize("offset", [0, 1])
-def test_bn_act_onchip_matches_two_pass(dtype, cl, shape, offset, monkeypatch):
-    """The one-launch passes (x, or dy' and x, held in shared memory) against the multi-kernel
-    passes: the same outputs and gradients up to summation order, channels above the block
-    size, 1x1 planes, element counts not a multiple of 8, tensors not 16-byte aligned; and
-    the profiler shows which kernels ran."""
-    ops = torch.ops.skipfast
-    c, n = shape[1], torch.Size(shape).numel()
-    base = torch.randn(n + offset, device="cuda").to(dtype)
-    x = base[offset:].view(shape) * 2 + 0.5
-    if cl:
-        x = x.contiguous(memory_format=CL)
-    r, g = torch.randn_like(x), torch.randn_like(x)
-    w, b = torch.rand(c, device="cuda") + 0.5, torch.randn(c, device="cuda")
-
-    def run():
-        out, mean, var, invstd, mask = ops.bn_act_train(x, w, b, r, 1e-5, True)
-        return (out, mean, var, invstd, mask, *ops.bn_act_backward_train(g, x, mean, invstd, w, mask, True))
-
-    with backend("cpp"):
-        one = run()
-        names = _kernel_names(run)
-        assert "onchip_train_kernel" in names and "onchip_backward_kernel" in names, names
-        monkeypatch.setenv("SKIPFAST_BN_ONCHIP", "0")
-        two = run()
-        names = _kernel_names(run)
-        assert "onchip" not in names and "partial_" in names, names
-    tol = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
-    labels = ("out", "mean", "var", "invstd", "mask", "grad_x", "grad_residual", "sum_dy", "sum_dy_xhat")
-    for label, a, b_ in zip(labels, one, two):
-        if label == "mask":
-            # a ReLU input within rounding of zero may fall either way
-            assert (a != b_).sum().item() <= max(1, n // 5000), label
-            continue
-        if label in ("grad_x", "grad_residual"):
-            continue  # they follow the mask; compared below where the masks agree
-        scale = b_.float().abs().max().item() + 1e-6
-        assert (a.float() - b_.float()).abs().max().item() <= tol * scale, label
-    if torch.equal(one[4], two[4]):
-        for a, b_ in zip(one[5:7], two[5:7]):
-            scale = b_.float().abs().max().item() + 1e-6
-            assert (a.float() - b_.float()).abs().max().item() <= 4 * tol * scale
-
-
-@pytest.mark.parametrize("cl", [False, True])
-def test_bn_act_forward_on_chip_backward_not(cl):
-    """[32, 64, 56, 56] float32: x fits on chip, dy' and x together do not, so the forward
-    takes one launch and the backward the multi-kernel passes; the step matches float64."""
-    shape = (32, 64, 56, 56)
-    x, r = torch.randn(shape) * 2 + 0.5, torch.randn(shape)
-    w, b = torch.rand(64) + 0.5, torch.randn(64)
-    r = _clear_of_relu_kink(x, w, b, r, 1e-3)
-    with backend("cpp"):
-        xc = x.cuda().contiguous(memory_format=CL if cl else torch.contiguous_format)
-        names = _kernel_names(lambda: batch_norm_act(xc, w.cuda(), b.cuda(), None, None, training=True,
-                                                     residual=r.cuda()))
-        assert "onchip_train_kernel" in names, names
-        _compare(_bn_fn(True, True, "relu"), _bn_fn(True, True, "relu", fused=False),
-                 [x, w, b, r], torch.float32, cl, ["x", "weight", "bias", "residual"])
 
 
 @pytest.mark.parametrize("name", GPU_BACKENDS)

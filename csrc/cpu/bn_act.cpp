@@ -969,19 +969,6 @@ std::tuple<at::Tensor, at::Tensor> backward_elemt_cpu(const at::Tensor& grad_out
   return {dx, dr};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_train_cpu(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
-    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& mask, bool grad_residual) {
-  constexpr const char* op = "skipfast.bn_act_backward_train";
-  check_x(op, x);
-  check_backward_reduce_args(op, grad_out, x, mean, invstd, mask);
-  check_opt_channel_vector(op, "weight", weight, x);
-  auto [sum_dy, sum_dy_xhat] = backward_reduce_cpu(grad_out, x, mean, invstd, mask);
-  auto [dx, dr] = backward_elemt_cpu(grad_out, x, mean, invstd, weight, mask, sum_dy, sum_dy_xhat,
-                                     x.size(1) ? x.numel() / x.size(1) : 0, grad_residual);
-  return {dx, dr, sum_dy, sum_dy_xhat};
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(skipfast, CPU, m) {
@@ -990,7 +977,6 @@ TORCH_LIBRARY_IMPL(skipfast, CPU, m) {
   m.impl("bn_act_train", &train_cpu);
   m.impl("bn_act_backward_reduce", &backward_reduce_cpu);
   m.impl("bn_act_backward_elemt", &backward_elemt_cpu);
-  m.impl("bn_act_backward_train", &backward_train_cpu);
 }
 
 }  // namespace skipfast

@@ -5,16 +5,13 @@ torch.profiler; the time is the sum of the GPU kernels (and memsets/copies) one 
 launches, averaged over the calls. Elementwise phases are reported as bandwidth (the
 fewest bytes a kernel must move over that time) against the measured device-to-device
 copy bandwidth; convolutions as TFLOP/s. Providers: ``eager`` (the PyTorch sequence the op
-replaces), ``cpp`` (CUDA C++), ``cpp-two-pass`` (CUDA C++ with SKIPFAST_BN_ONCHIP=0: the
-bn_act passes as several kernels where they would fit on chip) and ``triton`` (skipfast's
-Triton kernels), each forced through SKIPFAST_BACKEND.
+replaces), ``cpp`` (CUDA C++) and ``triton`` (skipfast's Triton kernels), each forced
+through SKIPFAST_BACKEND.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 
 import torch
 import torch.nn.functional as F
@@ -37,24 +34,9 @@ def device_us(fn, calls: int = 20, per_kernel: dict | None = None) -> float:
     gpu = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     if per_kernel is not None:
         for e in gpu:
-            name = e.name.replace("(anonymous namespace)::", "").removeprefix("void ")
-            name = name.split("(")[0].split("<")[0].split("::")[-1]
+            name = e.name.split("(")[0].split("<")[0][-60:]
             per_kernel[name] = per_kernel.get(name, 0.0) + e.time_range.elapsed_us() / calls
     return sum(e.time_range.elapsed_us() for e in gpu) / calls
-
-
-@contextlib.contextmanager
-def _two_pass():
-    """The CUDA C++ bn_act passes as several kernels even where the tensors fit on chip."""
-    old = os.environ.get("SKIPFAST_BN_ONCHIP")
-    os.environ["SKIPFAST_BN_ONCHIP"] = "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["SKIPFAST_BN_ONCHIP"]
-        else:
-            os.environ["SKIPFAST_BN_ONCHIP"] = old
 
 
 def _bn_cases(shape, fmt):
@@ -137,7 +119,7 @@ FAMILIES = ("bn_act", "conv")
 
 
 def measure(calls: int = 20, families=FAMILIES) -> dict:
-    big_copy = ceilings.copy_bandwidth(torch.device("cuda"), 1 << 30)
+    copy = ceilings.copy_bandwidth(torch.device("cuda"), 1 << 30)
     rows = []
     for shape in BN_SHAPES if "bn_act" in families else ():
         for fmt, fname in ((torch.contiguous_format, "NCHW"), (CL, "NHWC")):
@@ -151,8 +133,6 @@ def measure(calls: int = 20, families=FAMILIES) -> dict:
                 for backend in ("cpp", "triton"):
                     with _backend.forced(backend):
                         row["us"][backend] = device_us(fused, calls, row["cpp_kernels"] if backend == "cpp" else None)
-                with _backend.forced("cpp"), _two_pass():
-                    row["us"]["cpp-two-pass"] = device_us(fused, calls)
                 rows.append(row)
     conv_shapes = ((64, 64, 64, 56, 3, 1), (64, 256, 64, 56, 1, 1), (64, 128, 128, 28, 3, 1), (64, 3, 64, 224, 7, 2))
     for args in conv_shapes if "conv" in families else ():
@@ -162,15 +142,14 @@ def measure(calls: int = 20, families=FAMILIES) -> dict:
                 with _backend.forced(backend):
                     row["us"][backend] = device_us(fused, calls)
             rows.append(row)
-    return {"device": torch.cuda.get_device_name(), "copy_GBps": big_copy["GBps"], "calls": calls, "rows": rows}
+    return {"device": torch.cuda.get_device_name(), "copy_GBps": copy["GBps"], "calls": calls, "rows": rows}
 
 
 def table(doc: dict) -> str:
     lines = [f"GPU kernel time per call (torch.profiler, {doc['calls']} calls; host overhead excluded) on "
              f"{doc['device']}; copy ceiling {doc['copy_GBps']:.0f} GB/s",
-             "| case | eager | cpp | cpp two-pass | triton | best fused vs eager | best fused achieved "
-             "| of a copy of x's size |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| case | eager | cpp | triton | best fused vs eager | best fused achieved | of a copy of x's size |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for row in doc["rows"]:
         us = row["us"]
         best = min(us["cpp"], us["triton"])
@@ -181,8 +160,7 @@ def table(doc: dict) -> str:
         else:
             ach = f"{row['flops'] / best / 1e6:.0f} TFLOP/s"
             at_size = ""
-        two = f"{us['cpp-two-pass']:.1f} us" if "cpp-two-pass" in us else "-"
-        lines.append(f"| {row['case']} | {us['eager']:.1f} us | {us['cpp']:.1f} us | {two} | {us['triton']:.1f} us | "
+        lines.append(f"| {row['case']} | {us['eager']:.1f} us | {us['cpp']:.1f} us | {us['triton']:.1f} us | "
                      f"{us['eager'] / best:.2f}x | {ach} | {at_size} |")
     for row in doc["rows"]:
         if row.get("cpp_kernels"):

@@ -232,28 +232,17 @@ def _first_order_only(grad_out, saved):
         raise RuntimeError(SECOND_DERIVATIVE)
 
 
-def _backward_train(ops, grad_out, x, mean, invstd, weight, mask, grad_residual):
-    """Training backward: (grad_x, grad_residual, sum_dy, sum_dy_xhat), in one op where the
-    backend has it (CUDA C++: one launch where the tensors fit on chip)."""
-    if ops.backward_train is not None:
-        return ops.backward_train(grad_out, x, mean, invstd, weight, mask, grad_residual)
-    sum_dy, sum_dy_xhat = ops.backward_reduce(grad_out, x, mean, invstd, mask)
-    gx, gr = ops.backward_elemt(grad_out, x, mean, invstd, weight, mask, sum_dy, sum_dy_xhat,
-                                x.numel() // x.shape[1], grad_residual)
-    return gx, gr, sum_dy, sum_dy_xhat
-
-
 def _train_grads(ctx, ops, grad_out):
     """Gradients of bn_act_train's (x, weight, bias, residual)."""
     x, weight, mean, invstd, mask = ctx.saved_tensors
     _first_order_only(grad_out, (x, weight))
     need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
+    sum_dy, sum_dy_xhat = ops.backward_reduce(grad_out, x, mean, invstd, mask)
     gx = gr = None
     if need_x or (need_r and ctx.relu):
-        gx, gr, sum_dy, sum_dy_xhat = _backward_train(ops, grad_out, x, mean, invstd, weight, mask,
-                                                      bool(need_r and ctx.relu))
-    else:
-        sum_dy, sum_dy_xhat = ops.backward_reduce(grad_out, x, mean, invstd, mask)
+        count = x.numel() // x.shape[1]
+        gx, gr = ops.backward_elemt(grad_out, x, mean, invstd, weight, mask, sum_dy, sum_dy_xhat, count,
+                                    bool(need_r and ctx.relu))
     if need_r and not ctx.relu:
         gr = grad_out
     gw = sum_dy_xhat if need_w else None
@@ -310,8 +299,6 @@ _PHASES = ("stats", "apply", "train", "backward_reduce", "backward_elemt")
 def _op_set(suffix: str) -> types.SimpleNamespace:
     """The phase ops ``skipfast::bn_act_<phase><suffix>`` of one backend."""
     ops = types.SimpleNamespace(**{p: getattr(torch.ops.skipfast, f"bn_act_{p}{suffix}") for p in _PHASES})
-    # the whole training backward as one op, where the backend has one
-    ops.backward_train = getattr(torch.ops.skipfast, f"bn_act_backward_train{suffix}", None)
     ops.train_name, ops.apply_name = f"skipfast::bn_act_train{suffix}", f"skipfast::bn_act_apply{suffix}"
     return ops
 
@@ -351,11 +338,6 @@ if _backend.has_extension():
     def _(grad_out, x, mean, invstd, weight, mask, sum_dy, sum_dy_xhat, count, grad_residual):
         gr = _layout.empty_like(x) if grad_residual else x.new_empty((0,))
         return _layout.empty_like(x), gr
-
-    @torch.library.register_fake("skipfast::bn_act_backward_train")
-    def _(grad_out, x, mean, invstd, weight, mask, grad_residual):
-        gr = _layout.empty_like(x) if grad_residual else x.new_empty((0,))
-        return _layout.empty_like(x), gr, _channel(x), _channel(x)
 
     _register_autograd(_OPS["cpp"])
 
@@ -433,11 +415,11 @@ class _BnReluConv2d(torch.autograd.Function):
         grad_a, grad_cw, _ = torch.ops.aten.convolution_backward(
             grad_y, a, conv_weight, None, stride, padding, dilation, False, [0, 0], groups,
             [True, ctx.needs_input_grad[3], False])
+        sum_dy, sum_dy_xhat = ops.backward_reduce(grad_a, x, mean, invstd, mask)
         gx = None
         if ctx.needs_input_grad[0]:
-            gx, _, sum_dy, sum_dy_xhat = _backward_train(ops, grad_a, x, mean, invstd, weight, mask, False)
-        else:
-            sum_dy, sum_dy_xhat = ops.backward_reduce(grad_a, x, mean, invstd, mask)
+            gx, _ = ops.backward_elemt(grad_a, x, mean, invstd, weight, mask, sum_dy, sum_dy_xhat,
+                                       x.numel() // x.shape[1], False)
         gw = sum_dy_xhat if weight is not None and ctx.needs_input_grad[1] else None
         gb = sum_dy if bias is not None and ctx.needs_input_grad[2] else None
         return gx, gw, gb, grad_cw, None, None, None, None, None, None
