@@ -34,7 +34,8 @@ def device_us(fn, calls: int = 20, per_kernel: dict | None = None) -> float:
     gpu = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     if per_kernel is not None:
         for e in gpu:
-            name = e.name.split("(")[0].split("<")[0][-60:]
+            name = e.name.replace("(anonymous namespace)::", "").removeprefix("void ")
+            name = name.split("(")[0].split("<")[0].split("::")[-1]
             per_kernel[name] = per_kernel.get(name, 0.0) + e.time_range.elapsed_us() / calls
     return sum(e.time_range.elapsed_us() for e in gpu) / calls
 
