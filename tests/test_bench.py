@@ -319,3 +319,19 @@ def test_kernels_needs_cuda():
 
     with pytest.raises(SystemExit, match="needs a CUDA device"):
         kernels.main(["--families", "bn_act"])
+
+
+def test_kernels_table_reports_both_copy_ceilings_and_kernel_shares():
+    from skipfast.bench import kernels
+
+    doc = {"device": "card", "copy_GBps": 4000.0, "calls": 20, "rows": [
+        {"case": "bn_act train fwd [2, 8, 4, 4] NCHW", "min_bytes": 3e6, "us": {"eager": 3.0, "cpp": 2.0, "triton": 4.0},
+         "copy_us": 1.0, "copy_at_size_GBps": 2000.0, "cpp_kernels": {"partial_nchw_kernel": 0.5, "apply_kernel": 1.5}},
+        {"case": "conv 64->64", "flops": 1e9, "us": {"eager": 3.0, "cpp": 4.0, "triton": 2.0}}]}
+    text = kernels.table(doc)
+    bn = next(line for line in text.splitlines() if line.startswith("| bn_act"))
+    # best fused 2 us: 3e6 B / 2 us = 1500 GB/s, 38% of the 1 GiB copy, 75% of the copy at its size
+    assert "1.50x" in bn and "1500 GB/s (38% of copy)" in bn and "75% of 2000 GB/s" in bn
+    conv = next(line for line in text.splitlines() if line.startswith("| conv"))
+    assert "1.50x" in conv and "500 TFLOP/s" in conv
+    assert "- cpp bn_act train fwd [2, 8, 4, 4] NCHW: partial_nchw_kernel 0.5, apply_kernel 1.5 us" in text
