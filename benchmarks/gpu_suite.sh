@@ -6,9 +6,10 @@
 # Steps (each under its own timeout; a failed step is recorded and the suite goes on):
 #   1. build the extension in place for this GPU's architecture
 #      (pip install -e . --no-build-isolation --no-deps --no-index)
-#   2. the GPU-marked tests (pytest -m gpu)
-#   3. ceilings: device-to-device copy bandwidth, bf16/tf32/fp32 matmul TFLOP/s; kernel
-#      time of the fused ops per GPU backend (python -m skipfast.bench.kernels)
+#   2. ceilings: device-to-device copy bandwidth, bf16/tf32/fp32 matmul TFLOP/s; kernel
+#      time of the fused ops per GPU backend (python -m skipfast.bench.kernels); these take
+#      under a minute and come before the tests, which the budget may cut
+#   3. the GPU-marked tests (pytest -m gpu)
 #   4. python -m skipfast.bench on CUDA: the residual tail and add+ReLU in float32 (eager,
 #      eager-cl, torch.compile, skipfast; then skipfast with the Triton kernels forced),
 #      ResNet-18/50 inference in bfloat16 channels_last at batch 256 and 1 (eager, eager-cl,
@@ -98,7 +99,12 @@ open(sys.argv[1], "w").write(json.dumps(doc, indent=1))
 print(doc)
 PYEOF
 
-# 2. GPU tests (pytest-xdist workers compile the Triton kernels in parallel, and
+# 2. ceilings
+step ceilings 60 "$PY" -m skipfast.bench.ceilings --out "$OUT/ceilings.json"
+# kernel time alone (torch.profiler), each GPU backend forced, against eager
+step kernels 70 "$PY" -m skipfast.bench.kernels --out "$OUT/kernels.json"
+
+# 3. GPU tests (pytest-xdist workers compile the Triton kernels in parallel, and
 #    pytest-timeout stops a hung test, where those plugins are installed)
 PLUGINS=()
 if "$PY" -c "import xdist" > /dev/null 2>&1; then PLUGINS+=(-n 8); fi
@@ -106,11 +112,6 @@ if "$PY" -c "import pytest_timeout" > /dev/null 2>&1; then PLUGINS+=(--timeout 1
 # (SIGINT at the cap, so pytest still prints the failures it has seen)
 step gpu-tests 200 timeout -s INT 190 "$PY" -m pytest -m gpu -q -rfE --tb=short --durations=15 -p no:cacheprovider \
   ${PLUGINS[@]+"${PLUGINS[@]}"} --junitxml="$OUT/pytest.xml" tests
-
-# 3. ceilings
-step ceilings 60 "$PY" -m skipfast.bench.ceilings --out "$OUT/ceilings.json"
-# kernel time alone (torch.profiler), each GPU backend forced, against eager
-step kernels 70 "$PY" -m skipfast.bench.kernels --out "$OUT/kernels.json"
 
 # 4. benchmarks (each writes its JSON after every case, so a cut run keeps what it measured)
 BENCH=("$PY" -m skipfast.bench --device cuda --no-progress)
