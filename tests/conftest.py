@@ -11,6 +11,12 @@ import pytest  # noqa: E402
 
 torch.manual_seed(0)
 
+# Under pytest-xdist each worker would start as many threads as the machine has cores, and
+# the workers' CPU references (float64 models beside the GPU tests) would fight for them.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
+
 
 @pytest.fixture(autouse=True)
 def _seed():
