@@ -109,8 +109,7 @@ class BatchNormAct2d(nn.BatchNorm2d):
         weight, bias, running_mean, running_var, nbt, training = self._state(x)
         if not training:
             return conv(self.forward(x))
-        if (bn_act._module_eager(x) and torch.is_grad_enabled()
-                and not torch.is_autocast_enabled(x.device.type)):  # as _bn_relu_conv2d's recompute path
+        if bn_act._module_eager(x) and bn_act._recomputes(x):
             return bn_act._RELU_CONV2D_EAGER(x, weight, bias, running_mean, running_var, nbt, conv.weight,
                                              self.momentum, self.eps, bn_act._pair(conv.stride),
                                              bn_act._pair(conv.padding), bn_act._pair(conv.dilation), conv.groups)

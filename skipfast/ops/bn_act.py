@@ -193,6 +193,12 @@ def _module_eager(x):
             and not _float64_on_gpu(x))
 
 
+def _recomputes(x):
+    """Whether the BN + ReLU + convolution may recompute its activation in backward: a
+    gradient is wanted and autocast is off (batch_norm_relu_conv2d, BatchNormAct2d.then_conv)."""
+    return torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+
+
 def _pair(v):
     """A convolution's stride, padding or dilation as a pair."""
     return (v, v) if isinstance(v, int) else tuple(v)
@@ -441,8 +447,7 @@ def _bn_relu_conv2d(x, weight, bias, running_mean, running_var, conv_weight, mom
                     dilation, groups):
     """batch_norm_relu_conv2d on inputs already validated (BatchNormAct2d.then_conv validates once)."""
     backend = _backend.select("bn_act", x.device)
-    if (backend == "reference" or x.numel() == 0 or _float64_on_gpu(x) or not torch.is_grad_enabled()
-            or torch.is_autocast_enabled(x.device.type)):
+    if backend == "reference" or x.numel() == 0 or _float64_on_gpu(x) or not _recomputes(x):
         a = _forward(x, weight, bias, running_mean, running_var, True, momentum, eps, None, "relu")
         return F.conv2d(a, conv_weight, None, stride, padding, dilation, groups)
     sd = stat_dtype(x)
