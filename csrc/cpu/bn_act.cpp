@@ -291,6 +291,10 @@ std::vector<T> padded(int64_t C) {
 template <typename scalar_t>
 struct StatsTerms {
   using acc_t = at::opmath_type<scalar_t>;
+  // NCHW small planes: samples read side by side, one stream each. Measured (2-core EPYC,
+  // one process, alternated): statistics of [32, 512, 7, 7], [64, 512, 7, 7] and
+  // [32, 2048, 7, 7] 8-18% faster with 4 than with 1, warm or cold cache.
+  static constexpr int64_t kSamples = 4;
   const scalar_t* x;
   void prefetch(int64_t i) const { __builtin_prefetch(x + i); }
   void group(int64_t i, int n, const Vec& center, Vec& a1, Vec& a2) const {
@@ -310,6 +314,10 @@ struct StatsTerms {
 template <typename scalar_t>
 struct GradTerms {
   using acc_t = at::opmath_type<scalar_t>;
+  // Two or three streams a sample already: four samples side by side were no faster at
+  // [32, 512, 7, 7] and [64, 512, 7, 7], and up to 1.9x slower at [32, 2048, 7, 7], whose
+  // samples lie a multiple of 4 KiB apart.
+  static constexpr int64_t kSamples = 1;
   const scalar_t* dy;
   const scalar_t* x;
   const uint8_t* mask;  // null: no ReLU
@@ -333,7 +341,7 @@ struct GradTerms {
 // NCHW with small planes (7x7, 10x10): a horizontal sum per plane would cost as much as
 // the plane itself, so each task owns a range of channels with a set of vector
 // accumulators per channel (folded into double every kFold elements or so) and walks its
-// planes in memory order, sample by sample. (Walking one channel's N planes at a time, a
+// planes in memory order, Terms::kSamples samples side by side. (Walking one channel's N planes at a time, a
 // stride of C planes, summed in the same order but read memory 1.6-1.7x slower from DRAM:
 // [32, 512, 7, 7] statistics 0.77 -> 0.49 ms and backward sums 1.11 -> 0.65 ms with a cold
 // cache, 0.24 -> 0.22 and 0.37 -> 0.29 ms warm; [64, 1024, 7, 7] 2.1-2.7x.)
@@ -346,19 +354,22 @@ void channel_sums_small_planes(const Geo& g, const Terms& t, const at::opmath_ty
     std::vector<float> acc(size_t(4 * kG * nc), 0.f);  // per channel: a1, a2, b1, b2
     std::vector<double> d(size_t(2 * nc), 0.0);
     int64_t pending = 0;
-    for (int64_t n = 0; n < N; ++n) {
+    for (int64_t n0 = 0; n0 < N; n0 += Terms::kSamples) {
+      const int64_t n1 = std::min(N, n0 + Terms::kSamples);
       for (int64_t c = c0; c < c1; ++c) {
         float* ac = acc.data() + 4 * kG * (c - c0);
         const Vec vc(center[c]);
         Vec a1 = Vec::loadu(ac), a2 = Vec::loadu(ac + kG), b1 = Vec::loadu(ac + 2 * kG), b2 = Vec::loadu(ac + 3 * kG);
-        const int64_t base = (n * C + c) * len;
-        int64_t j = 0;
-        for (; j + kG <= len; j += kG) t.group(base + j, kG, vc, a1, a2);
-        if (j < len) t.group(base + j, int(len - j), vc, b1, b2);
+        for (int64_t n = n0; n < n1; ++n) {
+          const int64_t base = (n * C + c) * len;
+          int64_t j = 0;
+          for (; j + kG <= len; j += kG) t.group(base + j, kG, vc, a1, a2);
+          if (j < len) t.group(base + j, int(len - j), vc, b1, b2);
+        }
         a1.store(ac), a2.store(ac + kG), b1.store(ac + 2 * kG), b2.store(ac + 3 * kG);
       }
-      pending += len;
-      if (pending >= kFold || n + 1 == N) {
+      pending += (n1 - n0) * len;
+      if (pending >= kFold || n1 == N) {
         for (int64_t c = c0; c < c1; ++c) {
           float* ac = acc.data() + 4 * kG * (c - c0);
           d[2 * (c - c0)] += hsum(Vec::loadu(ac) + Vec::loadu(ac + 2 * kG));
