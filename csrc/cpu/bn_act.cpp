@@ -134,6 +134,9 @@ inline bool streams(const at::Tensor& t, int tensors, bool training) {
 
 inline uint32_t low_bits(int n) { return (1u << n) - 1u; }
 
+// The mask byte of element i >= 0 (a shift: i / kG on a signed index costs a sign fixup).
+inline int64_t byte_of(int64_t i) { return int64_t(uint64_t(i) / kG); }
+
 // 8 mask bits of y: bit k set when !(y[k] <= 0).
 inline uint32_t pass_bits(const Vec& y) {
 #if defined(CPU_CAPABILITY_AVX2)
@@ -629,7 +632,7 @@ void apply_planes(int64_t e0, int64_t e1, int64_t len, int64_t C, const scalar_t
     Vec y = at::vec::fmadd(load_f(x + i, n) - gm, gsc, gb);
     if constexpr (kRes) y = y + load_f(r + i, n);
     if constexpr (kMask) {
-      mask[i / kG] = uint8_t(pass_bits(y) & low_bits(n));
+      mask[byte_of(i)] = uint8_t(pass_bits(y) & low_bits(n));
       y = at::vec::clamp_min(y, Vec(0.f));
     }
     store_f(out + i, y, n, kStream);
@@ -649,7 +652,7 @@ void apply_rows(int64_t s0, int64_t s1, int64_t C, const scalar_t* __restrict__ 
       Vec y = at::vec::fmadd(load_f(x + i) - Vec::loadu(mean + j), Vec::loadu(scale + j), Vec::loadu(bias + j));
       if constexpr (kRes) y = y + load_f(r + i);
       if constexpr (kMask) {
-        mask[i / kG] = uint8_t(pass_bits(y));
+        mask[byte_of(i)] = uint8_t(pass_bits(y));
         y = at::vec::clamp_min(y, Vec(0.f));
       }
       store_f(out + i, y, kG, kStream);
@@ -715,7 +718,7 @@ void grad_planes(int64_t e0, int64_t e1, int64_t len, int64_t C, const scalar_t*
       ga = Vec::blendv(ga, va, from), gb = Vec::blendv(gb, vb, from);
     }
     Vec gv = load_f(dy + i, n);
-    if constexpr (kMask) gv = masked(gv, mask[i / kG] & low_bits(n));
+    if constexpr (kMask) gv = masked(gv, mask[byte_of(i)] & low_bits(n));
     store_f(dx + i, at::vec::fmadd(load_f(x + i, n) - gm, ga, at::vec::fmadd(gv, gk, gb)), n, kStream);
     if constexpr (kDr) store_f(dr + i, gv, n, kStream);
   });
@@ -732,7 +735,7 @@ void grad_rows(int64_t s0, int64_t s1, int64_t C, const scalar_t* __restrict__ d
     for (int64_t j = 0; j < C; j += kG) {
       const int64_t i = base + j;
       Vec gv = load_f(dy + i);
-      if constexpr (kMask) gv = masked(gv, mask[i / kG]);
+      if constexpr (kMask) gv = masked(gv, mask[byte_of(i)]);
       const Vec t = at::vec::fmadd(gv, Vec::loadu(k + j), Vec::loadu(b0 + j));
       store_f(dx + i, at::vec::fmadd(load_f(x + i) - Vec::loadu(mean + j), Vec::loadu(a + j), t), kG, kStream);
       if constexpr (kDr) store_f(dr + i, gv, kG, kStream);
