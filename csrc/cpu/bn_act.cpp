@@ -344,8 +344,9 @@ struct GradTerms {
 // NCHW with small planes (7x7, 10x10): a horizontal sum per plane would cost as much as
 // the plane itself, so each task owns a range of channels with a set of vector
 // accumulators per channel (folded into double every kFold elements or so) and walks its
-// planes in memory order, Terms::kSamples samples side by side. (Walking one channel's N planes at a time, a
-// stride of C planes, summed in the same order but read memory 1.6-1.7x slower from DRAM:
+// planes in memory order, Terms::kSamples samples side by side. (Walking one channel's N
+// planes at a time, a stride of C planes, summed in the same order but read memory
+// 1.6-1.7x slower from DRAM:
 // [32, 512, 7, 7] statistics 0.77 -> 0.49 ms and backward sums 1.11 -> 0.65 ms with a cold
 // cache, 0.24 -> 0.22 and 0.37 -> 0.29 ms warm; [64, 1024, 7, 7] 2.1-2.7x.)
 template <typename scalar_t, typename Terms>
