@@ -15,7 +15,9 @@ Two ways, tried in this order:
 In eval mode (no grad needed) a fused conv+BN runs with BN folded into the convolution
 (``conv2d_bias_act``: bias, residual and ReLU in the convolution's epilogue); in training
 it runs the convolution and skipfast's fused batch norm (+ residual) + ReLU.
-Everything not recognised is left untouched and listed in the report.
+Everything not recognised is left untouched and listed in the report, and so is a BN (or
+block) with module hooks or a parametrization, such as one pruned with
+``torch.nn.utils.prune``: their tensors are only valid through their own forward.
 """
 from __future__ import annotations
 
@@ -53,7 +55,10 @@ class ConvBNAct(nn.Module):
     """``act(bn(conv(x)) + residual)`` over a conv and a BN owned by the patched model.
     They are referenced, not registered, so the state_dict keeps the model's keys. The
     batch norm runs as a ``BatchNormAct2d`` over the BN's own tensors, refreshed on each
-    call (``.to()`` replaces buffer tensors; ``.train()`` flips the BN's mode)."""
+    call (``.to()`` replaces buffer tensors; ``.train()`` flips the BN's mode). A BN given
+    module hooks or a parametrization (``torch.nn.utils.prune``, ``parametrize``) after
+    patching runs as itself, unfused; a conv with them is called, not folded. (patch leaves
+    a BN that has them at patch time unfused.)"""
 
     def __init__(self, conv: nn.Conv2d | None, bn: nn.BatchNorm2d, activation: str | None):
         super().__init__()
@@ -74,19 +79,32 @@ class ConvBNAct(nn.Module):
                 # into the view's dicts: torch.func.functional_call puts plain tensors in the
                 # BN's dicts where the view registers parameters
                 (view._parameters if name in view._parameters else view._buffers)[name] = t
-            else:  # a value computed by a hook or a parametrization: a plain tensor is refused
+            else:  # set on the BN by hand, outside its dicts
                 setattr(view, name, t)
         return view
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if not _reads_directly(self.bn):  # e.g. pruned or parametrized after patching
+            y = self.bn(x if self.conv is None else self.conv(x))
+            y = y if residual is None else y + residual
+            return torch.relu(y) if self.activation == "relu" else y
         if self.conv is None:
             return self._fused_bn()(x, residual)
-        if can_fold(self.conv, self.bn, x):
+        if _reads_directly(self.conv) and can_fold(self.conv, self.bn, x):
             return self._fold(self.conv, self.bn, x, residual, self.activation)
         return self._fused_bn()(self.conv(x), residual)
 
     def extra_repr(self) -> str:
         return f"conv={self.conv is not None}, activation={self.activation!r}"
+
+
+def _reads_directly(m: nn.Module) -> bool:
+    """Whether m's tensors may be used without calling m: no module hooks (pruning's
+    pre-hook computes the weight) and no parametrization (``parametrize`` keeps them in
+    ``m.parametrizations``). Otherwise m runs as itself. Dict reads only: this runs on
+    every call."""
+    return not (m._forward_pre_hooks or m._forward_hooks or m._backward_pre_hooks or m._backward_hooks
+                or "parametrizations" in m._modules)
 
 
 # ---------------------------------------------------------------- fx path
@@ -133,7 +151,7 @@ def _rewrite(gm: fx.GraphModule) -> list[str]:
     replaced = []
     for node in list(gm.graph.nodes):
         bn = _module(gm, node, (nn.BatchNorm2d,))  # exact type: not a subclass with its own forward
-        if bn is None:
+        if bn is None or not _reads_directly(bn):
             continue
         src = node.args[0]
         conv = _module(gm, src, (nn.Conv2d,)) if isinstance(src, fx.Node) else None
@@ -181,6 +199,8 @@ def _swap_blocks(model: nn.Module, dense_blocks: bool = True, residual_blocks: b
         for child_name, child in mod.named_children():
             full = f"{name}.{child_name}" if name else child_name
             if not residual_blocks and type(child) is not _DenseBlock:
+                continue
+            if not all(_reads_directly(m) for m in child.modules()):  # e.g. a pruned BN
                 continue
             if type(child) is BasicBlock and child.conv1.groups == 1 and child.conv1.dilation == (1, 1):
                 new = ResidualBlock.shared_from(child)
