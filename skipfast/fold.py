@@ -101,10 +101,21 @@ class FoldSet(dict):
         return fold(conv, bn, x, residual, activation)
 
 
+def reads_directly(m: nn.Module) -> bool:
+    """Whether m's tensors may be used without calling m: no module hooks (pruning's
+    pre-hook computes the weight) and no parametrization (``parametrize`` keeps them in
+    ``m.parametrizations``). Otherwise only m's own forward sees its current tensors. Dict
+    reads only: this runs on every call."""
+    return not (m._forward_pre_hooks or m._forward_hooks or m._backward_pre_hooks or m._backward_hooks
+                or "parametrizations" in m._modules)
+
+
 def can_fold(conv, bn, x: torch.Tensor) -> bool:
     """Eval-mode folding applies: running stats exist, no grad is needed, x has the
-    weights' dtype (under autocast the unfused path casts as torch does), zero padding."""
-    return (not bn.training and bn.running_mean is not None and conv.padding_mode == "zeros"
+    weights' dtype (under autocast the unfused path casts as torch does), zero padding,
+    and neither module computes its tensors in its own forward (``reads_directly``)."""
+    return (reads_directly(conv) and reads_directly(bn)
+            and not bn.training and bn.running_mean is not None and conv.padding_mode == "zeros"
             and isinstance(conv.padding, tuple) and x.dtype == conv.weight.dtype
             and not torch.is_autocast_enabled(x.device.type)
             and not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)))

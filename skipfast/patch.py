@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .fold import FoldedConvBN, can_fold
+from .fold import FoldedConvBN, can_fold, reads_directly
 from .nn.batchnorm import BatchNormAct2d
 
 log = logging.getLogger("skipfast")
@@ -84,27 +84,19 @@ class ConvBNAct(nn.Module):
         return view
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if not _reads_directly(self.bn):  # e.g. pruned or parametrized after patching
+        if not reads_directly(self.bn):  # e.g. pruned or parametrized after patching
             y = self.bn(x if self.conv is None else self.conv(x))
             y = y if residual is None else y + residual
             return torch.relu(y) if self.activation == "relu" else y
         if self.conv is None:
             return self._fused_bn()(x, residual)
-        if _reads_directly(self.conv) and can_fold(self.conv, self.bn, x):
+        if can_fold(self.conv, self.bn, x):
             return self._fold(self.conv, self.bn, x, residual, self.activation)
         return self._fused_bn()(self.conv(x), residual)
 
     def extra_repr(self) -> str:
         return f"conv={self.conv is not None}, activation={self.activation!r}"
 
-
-def _reads_directly(m: nn.Module) -> bool:
-    """Whether m's tensors may be used without calling m: no module hooks (pruning's
-    pre-hook computes the weight) and no parametrization (``parametrize`` keeps them in
-    ``m.parametrizations``). Otherwise m runs as itself. Dict reads only: this runs on
-    every call."""
-    return not (m._forward_pre_hooks or m._forward_hooks or m._backward_pre_hooks or m._backward_hooks
-                or "parametrizations" in m._modules)
 
 
 # ---------------------------------------------------------------- fx path
@@ -151,7 +143,7 @@ def _rewrite(gm: fx.GraphModule) -> list[str]:
     replaced = []
     for node in list(gm.graph.nodes):
         bn = _module(gm, node, (nn.BatchNorm2d,))  # exact type: not a subclass with its own forward
-        if bn is None or not _reads_directly(bn):
+        if bn is None or not reads_directly(bn):
             continue
         src = node.args[0]
         conv = _module(gm, src, (nn.Conv2d,)) if isinstance(src, fx.Node) else None
@@ -200,7 +192,7 @@ def _swap_blocks(model: nn.Module, dense_blocks: bool = True, residual_blocks: b
             full = f"{name}.{child_name}" if name else child_name
             if not residual_blocks and type(child) is not _DenseBlock:
                 continue
-            if not all(_reads_directly(m) for m in child.modules()):  # e.g. a pruned BN
+            if not all(reads_directly(m) for m in child.modules()):  # e.g. a pruned BN
                 continue
             if type(child) is BasicBlock and child.conv1.groups == 1 and child.conv1.dilation == (1, 1):
                 new = ResidualBlock.shared_from(child)

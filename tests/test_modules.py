@@ -37,6 +37,40 @@ def test_bottleneck_matches_torchvision():
     assert BottleneckBlock(128, 32).downsample is None
 
 
+@pytest.mark.parametrize("kind", ["basic", "bottleneck"])
+def test_residual_blocks_with_pruned_modules_match_torchvision(kind):
+    """A pruned BN, conv and shortcut conv are read through their own forward (the pruning
+    pre-hook), also after their weights change: training outputs and gradients, and eval
+    (where the BNs would otherwise be folded), match torchvision's block pruned alike."""
+    from torch.nn.utils import prune
+    torch.manual_seed(0)
+    if kind == "basic":
+        ds = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 1, 2, bias=False), torch.nn.BatchNorm2d(16))
+        tv, sf = torchvision.models.resnet.BasicBlock(8, 16, 2, ds), ResidualBlock(8, 16, stride=2)
+    else:
+        ds = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 1, 2, bias=False), torch.nn.BatchNorm2d(16))
+        tv, sf = torchvision.models.resnet.Bottleneck(8, 4, 2, ds), BottleneckBlock(8, 4, stride=2)
+    sf.load_state_dict(tv.state_dict(), strict=True)
+    for blk in (tv, sf):
+        for name in ("bn1", "conv2", "downsample.0"):
+            prune.l1_unstructured(blk.get_submodule(name), "weight", amount=0.5)
+        with torch.no_grad():  # a training step's change, after the pre-hooks last ran
+            for name in ("bn1", "conv2", "downsample.0"):
+                blk.get_submodule(name).weight_orig.mul_(-1.5)
+    x = torch.randn(2, 8, 7, 7)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = sf(xa), tv(xb)
+    torch.testing.assert_close(ya, yb, rtol=1e-4, atol=1e-5)
+    ya.square().sum().backward(), yb.square().sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sf.bn1.weight_orig.grad, tv.bn1.weight_orig.grad, rtol=1e-4, atol=1e-5)
+    sf.eval(), tv.eval()
+    with torch.no_grad():
+        for blk in (tv, sf):
+            blk.conv2.weight_orig.mul_(-1)
+        torch.testing.assert_close(sf(x), tv(x), rtol=1e-4, atol=1e-5)
+
+
 def test_dense_block_matches_torchvision():
     tv = torchvision.models.densenet._DenseBlock(3, 16, 4, 8, 0.0)
     sf = DenseBlock(16, 8, 3, bn_size=4)
@@ -44,6 +78,25 @@ def test_dense_block_matches_torchvision():
     x = torch.randn(2, 16, 6, 6)
     torch.testing.assert_close(sf(x), tv(x))
     assert sf.out_channels == 16 + 3 * 8
+
+
+def test_dense_block_with_pruned_modules_matches_torchvision():
+    from torch.nn.utils import prune
+    torch.manual_seed(0)
+    tv = torchvision.models.densenet._DenseBlock(3, 16, 4, 8, 0.0)
+    sf = DenseBlock(16, 8, 3, bn_size=4)
+    sf.load_state_dict(tv.state_dict(), strict=True)
+    for blk in (tv, sf):
+        for name in ("denselayer2.norm1", "denselayer3.conv2"):
+            prune.l1_unstructured(blk.get_submodule(name), "weight", amount=0.5)
+            with torch.no_grad():
+                blk.get_submodule(name).weight_orig.mul_(-1.5)
+    x = torch.randn(2, 16, 6, 6)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = sf(xa), tv(xb)
+    torch.testing.assert_close(ya, yb)
+    ya.square().sum().backward(), yb.square().sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
 
 
 def test_tutorial_dense_layer_and_transition():

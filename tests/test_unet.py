@@ -210,3 +210,17 @@ def test_unet_under_cpu_autocast_matches_eager_concat():
             y_ref = m(x)
     assert y.dtype == y_ref.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), y_ref.float(), rtol=0.05, atol=0.05)
+
+
+def test_up_block_with_pruned_first_conv_reads_its_current_weight():
+    """The first convolution of an Up block, pruned, is called as a module (its pruning
+    pre-hook computes the weight), also after its weight changes."""
+    from torch.nn.utils import prune
+    from skipfast.nn.unet import Up
+    torch.manual_seed(0)
+    up = Up(8, 4)
+    prune.l1_unstructured(up.conv[0], "weight", amount=0.5)
+    with torch.no_grad():
+        up.conv[0].weight_orig.mul_(-1.5)
+    x, skip = torch.randn(2, 8, 3, 3), torch.randn(2, 4, 6, 6)
+    torch.testing.assert_close(up(x, skip), up.conv(torch.cat([up.up(x), skip], 1)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..fold import reads_directly
 from ..ops import bn_act
 
 
@@ -100,10 +101,12 @@ class BatchNormAct2d(nn.BatchNorm2d):
     def then_conv(self, x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
         """``conv(self(x))``. In training with ReLU, backward recomputes this module's
         output from x instead of keeping it (see ``skipfast.ops.bn_act.batch_norm_relu_conv2d``):
-        the residual blocks save about 0.6x of eager's bytes instead of 0.8x. ``conv``'s
-        own forward hooks are not run on that path."""
+        the residual blocks save about 0.6x of eager's bytes instead of 0.8x. Where this
+        module or ``conv`` has module hooks or a parametrization (e.g. pruned), it is
+        ``conv(self(x))``, both called as modules."""
         recompute = (self.activation == "relu" and type(conv) is nn.Conv2d and conv.bias is None
-                     and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
+                     and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+                     and reads_directly(self) and reads_directly(conv))  # e.g. neither pruned
         if not recompute:
             return conv(self(x))
         weight, bias, running_mean, running_var, nbt, training = self._state(x)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..fold import FoldSet, can_fold
+from ..fold import FoldSet, can_fold, reads_directly
 from . import _checks
 from .batchnorm import BatchNormAct2d
 
@@ -52,7 +52,12 @@ class _Block(nn.Module):
         return out
 
     def _use_fold(self, x: torch.Tensor) -> bool:
-        return can_fold(self.conv1, self.bn1, x)
+        if not can_fold(self.conv1, self.bn1, x):
+            return False
+        mods = [getattr(self, name) for pair in self._pairs for name in pair]
+        if self.downsample is not None:
+            mods += [self.downsample, *self.downsample]
+        return all(reads_directly(m) for m in mods)  # e.g. none pruned
 
     @classmethod
     def shared_from(cls, block: nn.Module) -> "_Block":

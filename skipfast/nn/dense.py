@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _backend
+from ..fold import reads_directly
 from ..ops import dense as _dense
 from . import _checks
 
@@ -78,11 +79,13 @@ class DenseBlock(nn.Module):
         new.train(block.training)
         return new
 
-    def _plain_norms(self) -> bool:
-        """The fused block computes nn.BatchNorm2d's statistics itself; any other norm (a
-        SyncBatchNormAct2d after convert_sync_batchnorm, say) runs through its own module."""
-        return all(type(m) is nn.BatchNorm2d for layer in self.layers() for m in layer.modules()
-                   if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    def _plain_modules(self) -> bool:
+        """The fused block computes nn.BatchNorm2d's statistics itself and reads the layers'
+        tensors directly; any other norm (a SyncBatchNormAct2d after convert_sync_batchnorm,
+        say), or a module with hooks or a parametrization (pruned, say), runs through its
+        own module."""
+        return all((type(m) is nn.BatchNorm2d or not isinstance(m, nn.modules.batchnorm._BatchNorm))
+                   and reads_directly(m) for layer in self.layers() for m in layer.modules())
 
     def layers(self):
         return [getattr(self, f"denselayer{i + 1}") for i in range(self.num_layers)]
@@ -90,7 +93,7 @@ class DenseBlock(nn.Module):
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         _checks.feature_map(self, x, self.in_channels)
         if out is None and (_backend.select("dense", x.device) == "reference"
-                            or torch.is_autocast_enabled(x.device.type) or not self._plain_norms()):
+                            or torch.is_autocast_enabled(x.device.type) or not self._plain_modules()):
             return _dense.dense_block_reference(self.layers(), x)
         return _dense.dense_block(self.layers(), self.growth_rate, x, out=out)
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..fold import reads_directly
 from . import _checks
 
 
@@ -40,8 +41,11 @@ class Up(nn.Module):
         self.conv = DoubleConv(2 * out_channels, out_channels)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        first = self.conv[0]
-        out = ops.concat_conv2d(self.up(x), skip, first.weight, first.bias, padding=first.padding[0])
+        first, up = self.conv[0], self.up(x)
+        if reads_directly(first):
+            out = ops.concat_conv2d(up, skip, first.weight, first.bias, padding=first.padding[0])
+        else:  # hooks or a parametrization (pruned, say): its own forward computes its weight
+            out = first(torch.cat([up, skip], 1))
         for layer in itertools.islice(self.conv, 1, None):
             out = layer(out)
         return out
