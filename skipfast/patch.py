@@ -98,7 +98,6 @@ class ConvBNAct(nn.Module):
         return f"conv={self.conv is not None}, activation={self.activation!r}"
 
 
-
 # ---------------------------------------------------------------- fx path
 
 _RELU_FUNCS = {torch.relu, torch.relu_, F.relu, F.relu_}
