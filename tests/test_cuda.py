@@ -247,6 +247,56 @@ def test_bn_act_stats_ops_agree():
         torch.testing.assert_close(var.double(), ref_var, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def _cpp_train_and_sums(x, w, b, r, g):
+    ops = torch.ops.skipfast
+    out, mean, var, invstd, mask = ops.bn_act_train(x, w, b, r, 1e-5, True)
+    sum_dy, sum_dy_xhat = ops.bn_act_backward_reduce(g, x, mean, invstd, mask)
+    return out, mean, var, invstd, mask, sum_dy, sum_dy_xhat
+
+
+@pytest.mark.parametrize("cl", [False, True])
+@pytest.mark.parametrize("shape", [(64, 16, 40, 40), (16, 3, 33, 33), (8, 32, 7, 7), (2, 8, 4, 4)])
+def test_bn_act_cuda_reductions(shape, cl):
+    """The CUDA C++ reductions, with each channel in one block (which then finishes it) or
+    split over several (a finalize kernel adds the splits), in 4-element and scalar loads:
+    statistics and gradient sums against float64, bitwise the same call after call and
+    replayed from a CUDA graph."""
+    torch.manual_seed(0)
+    fmt = CL if cl else torch.contiguous_format
+    c = shape[1]
+    x = (torch.randn(shape, device="cuda") * 3 + 1).contiguous(memory_format=fmt)
+    r, g = torch.randn_like(x), torch.randn_like(x)
+    w, b = torch.rand(c, device="cuda") + 0.5, torch.randn(c, device="cuda")
+    first = _cpp_train_and_sums(x, w, b, r, g)
+    out, mean, var, invstd, mask, sum_dy, sum_dy_xhat = first
+    var64, mean64 = torch.var_mean(x.double(), dim=(0, 2, 3), unbiased=False)
+    torch.testing.assert_close(mean.double(), mean64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(var.double(), var64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(invstd.double(), (var64 + 1e-5).rsqrt(), rtol=1e-5, atol=0)
+    g64 = g.double() * (out > 0)
+    xhat64 = (x.double() - mean64[:, None, None]) / (var64[:, None, None] + 1e-5).sqrt()
+    torch.testing.assert_close(sum_dy.double(), g64.sum((0, 2, 3)), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(sum_dy_xhat.double(), (g64 * xhat64).sum((0, 2, 3)), rtol=1e-4, atol=1e-3)
+
+    def same(a, b, what):
+        for i, (u, v) in enumerate(zip(a, b)):
+            assert torch.equal(u, v), f"{what}: output {i} differs"
+
+    for _ in range(2):
+        same(_cpp_train_and_sums(x, w, b, r, g), first, "repeated call")
+    x2 = (torch.randn(shape, device="cuda") * 2 - 1).contiguous(memory_format=fmt)
+    second = _cpp_train_and_sums(x2, w, b, r, g)
+    static_x = x.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = _cpp_train_and_sums(static_x, w, b, r, g)
+    for want, src in ((second, x2), (first, x)):
+        static_x.copy_(src)
+        graph.replay()
+        torch.cuda.synchronize()
+        same(captured, want, "CUDA graph replay")
+
+
 # ------------------------------------------------------------------ conv2d_bias_act
 
 # (C, K, H, W, kernel, stride, padding): the convolutions of ResNet-18..152 plus odd sizes.

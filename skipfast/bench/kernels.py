@@ -124,9 +124,9 @@ def measure(calls: int = 20, families=FAMILIES) -> dict:
     rows = []
     for shape in BN_SHAPES if "bn_act" in families else ():
         for fmt, fname in ((torch.contiguous_format, "NCHW"), (CL, "NHWC")):
-            (copy, copy_bytes), cases = _bn_cases(shape, fmt)
+            (copy_x, copy_bytes), cases = _bn_cases(shape, fmt)
             # the copy of x at this size: its rate is the ceiling a kernel of this size meets
-            copy_us = device_us(copy, calls)
+            copy_us = device_us(copy_x, calls)
             for name, eager, fused, nbytes in cases:
                 row = {"case": f"{name} {list(shape)} {fname}", "min_bytes": nbytes, "us": {},
                        "copy_us": copy_us, "copy_at_size_GBps": copy_bytes / copy_us / 1e3, "cpp_kernels": {}}
