@@ -97,6 +97,18 @@ def test_dense_block_with_pruned_modules_matches_torchvision():
     torch.testing.assert_close(ya, yb)
     ya.square().sum().backward(), yb.square().sum().backward()
     torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
+    # the same through a preallocated block buffer (2 spare channels), after the pruned
+    # weights changed (as a training step changes them)
+    buf = torch.zeros(2, 42, 6, 6).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for blk in (tv, sf):
+            for name in ("denselayer2.norm1", "denselayer3.conv2"):
+                blk.get_submodule(name).weight_orig.add_(0.25)
+        yc, yd = sf(x, out=buf), tv(x)
+    torch.testing.assert_close(yc, yd)
+    assert yc.data_ptr() == buf.data_ptr() and (buf[:, 40:] == 0).all()
+    for (name, a), b in zip(sf.named_buffers(), tv.buffers()):
+        torch.testing.assert_close(a, b, msg=name)
 
 
 def test_tutorial_dense_layer_and_transition():

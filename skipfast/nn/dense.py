@@ -92,9 +92,13 @@ class DenseBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         _checks.feature_map(self, x, self.in_channels)
-        if out is None and (_backend.select("dense", x.device) == "reference"
-                            or torch.is_autocast_enabled(x.device.type) or not self._plain_modules()):
-            return _dense.dense_block_reference(self.layers(), x)
+        if (_backend.select("dense", x.device) == "reference" or torch.is_autocast_enabled(x.device.type)
+                or not self._plain_modules()):
+            if out is None:
+                return _dense.dense_block_reference(self.layers(), x)
+            _dense.check_block_args(self.layers(), self.growth_rate, x, out)  # before any state changes
+            y = _dense.dense_block_reference(self.layers(), x)
+            return out.narrow(1, 0, y.shape[1]).copy_(y)
         return _dense.dense_block(self.layers(), self.growth_rate, x, out=out)
 
 

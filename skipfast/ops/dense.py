@@ -336,7 +336,8 @@ class _DenseBlockFunction(torch.autograd.Function):
 BLOCK_OP = "skipfast.dense_block"
 
 
-def _check_block_args(layers, growth_rate, x, out):
+def check_block_args(layers, growth_rate, x, out):
+    """dense_block's argument checks (also run by DenseBlock before its reference path)."""
     _checks.tensor(BLOCK_OP, "x", x, dims=4)
     if isinstance(growth_rate, bool) or not isinstance(growth_rate, int) or growth_rate <= 0:
         raise ValueError(f"{BLOCK_OP}: growth_rate must be a positive integer, got {growth_rate!r}")
@@ -374,7 +375,7 @@ def dense_block(layers, growth_rate: int, x: torch.Tensor, out: torch.Tensor | N
     on ``x`` through one shared block buffer; returns the buffer, ``[N, C0 + L*k, H, W]``
     channels_last, equal to torchvision's ``torch.cat`` of every feature map. ``out``: a
     preallocated channels_last buffer with at least ``C0 + L*k`` channels to write into."""
-    _check_block_args(layers, growth_rate, x, out)
+    check_block_args(layers, growth_rate, x, out)
     params = [t for ly in layers for t in _layer_params(ly)]
     if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in params)):
         return _DenseBlockFunction.apply(layers, growth_rate, [out], x, *params)
