@@ -94,11 +94,10 @@ class DenseBlock(nn.Module):
         _checks.feature_map(self, x, self.in_channels)
         if (_backend.select("dense", x.device) == "reference" or torch.is_autocast_enabled(x.device.type)
                 or not self._plain_modules()):
-            if out is None:
-                return _dense.dense_block_reference(self.layers(), x)
-            _dense.check_block_args(self.layers(), self.growth_rate, x, out)  # before any state changes
+            if out is not None:
+                _dense.check_block_args(self.layers(), self.growth_rate, x, out)  # before any state changes
             y = _dense.dense_block_reference(self.layers(), x)
-            return out.narrow(1, 0, y.shape[1]).copy_(y)
+            return y if out is None else out.narrow(1, 0, y.shape[1]).copy_(y)
         return _dense.dense_block(self.layers(), self.growth_rate, x, out=out)
 
 
