@@ -10,7 +10,9 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -220,58 +222,97 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_conv1x1_backward_cpu(
   return {gscale, gshift, grad_w.view({Cout, C, 1, 1})};
 }
 
-// Per-channel mean and biased variance over N, H, W (shifted sums, fp64 accumulation).
+// Adds rows [r0, r1) of the C channels of x (rows `ld` apart) into the per-channel double
+// sums s (of x - sh) and ss (of its square). Float x, AVX2: 16 channels (one 64-byte line)
+// at a time, their sums in registers down the rows, while the next (r1 - r0) rows are
+// prefetched one line per row step in memory order. (Prefetching the same 16 channels of
+// the next rows instead, a strided walk, read [32, 128, 56, 56] from DRAM 1.4x slower than
+// row by row float sums; in memory order it is as fast, and 1.4-2.3x faster from cache.)
+template <typename scalar_t>
+void stats_rows(const scalar_t* x, int64_t ld, int64_t r0, int64_t r1, int64_t C, const double* sh,
+                double* __restrict__ s, double* __restrict__ ss) {
+  int64_t c = 0;
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    const int64_t lines = (C + 15) / 16;  // per row
+    int64_t q = 0;                        // lines of the next rows prefetched so far
+    for (; c + 16 <= C; c += 16) {
+      __m256d a[4], b[4], h[4];
+      for (int u = 0; u < 4; ++u) {
+        a[u] = _mm256_loadu_pd(s + c + 4 * u);
+        b[u] = _mm256_loadu_pd(ss + c + 4 * u);
+        h[u] = _mm256_loadu_pd(sh + c + 4 * u);
+      }
+      for (int64_t r = r0; r < r1; ++r, ++q) {
+        __builtin_prefetch(x + (r1 + q / lines) * ld + (q % lines) * 16);
+        const float* p = x + r * ld + c;
+        for (int u = 0; u < 4; ++u) {
+          const __m256d d = _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(p + 4 * u)), h[u]);
+          a[u] = _mm256_add_pd(a[u], d);
+          b[u] = _mm256_fmadd_pd(d, d, b[u]);
+        }
+      }
+      for (int u = 0; u < 4; ++u) {
+        _mm256_storeu_pd(s + c + 4 * u, a[u]);
+        _mm256_storeu_pd(ss + c + 4 * u, b[u]);
+      }
+    }
+  }
+#endif
+  if (c == C) return;
+  for (int64_t r = r0; r < r1; ++r) {
+    const scalar_t* row = x + r * ld;
+    for (int64_t j = c; j < C; ++j) {
+      const double d = double(row[j]) - sh[j];
+      s[j] += d;
+      ss[j] += d * d;
+    }
+  }
+}
+
+// Per-channel mean and biased variance over N, H, W: sums of x - shift and of its square in
+// double, the shift being the mean of the channel's first 64 values, so that the variance
+// (ss / M - m^2) keeps its digits even when the mean is far from zero. (Float partials over
+// a tile's rows, shifted by the first value, were up to 400x less accurate than
+// torch.var_mean in float32: 2.5e-5 relative on the variance when the first value lies 5
+// standard deviations from the mean.) Each of at most get_num_threads() row chunks sums
+// into its own slot, and the slots are added in order: the same bits on every call.
 std::tuple<at::Tensor, at::Tensor> channel_stats_cpu(const at::Tensor& x_in) {
   constexpr const char* op = "skipfast.dense_channel_stats";
   check_input(op, x_in);
   const Rows xr = as_rows(x_in);
   const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
   const int64_t M = N * H * W;
-  const int64_t T = tile_rows(C), ntiles = (M + T - 1) / T;
-  std::vector<double> s(C, 0.0), ss(C, 0.0);
-  std::mutex mu;
+  const int64_t chunks = std::clamp<int64_t>(M * C / 32768, 1, at::get_num_threads());
+  std::vector<double> part(2 * C * chunks, 0.0), shift(C, 0.0), s(C, 0.0), ss(C, 0.0);
   AT_DISPATCH_FLOATING_TYPES(x_in.scalar_type(), "dense_channel_stats_cpu", [&] {
-    using Vec = at::vec::Vectorized<scalar_t>;
     const scalar_t* xp = xr.t.const_data_ptr<scalar_t>();
-    const scalar_t* x0 = xp;  // first row: the shift that keeps the sums well conditioned
-    at::parallel_for(0, ntiles, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> ts(C), tss(C);
-      std::vector<double> ls(C, 0.0), lss(C, 0.0);
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t r0 = t * T, rows = std::min(T, M - r0);
-        std::fill(ts.begin(), ts.end(), scalar_t(0));
-        std::fill(tss.begin(), tss.end(), scalar_t(0));
-        for (int64_t r = 0; r < rows; ++r) {
-          const scalar_t* row = xp + (r0 + r) * xr.ld;
-          int64_t c = 0;
-          for (; c + Vec::size() <= C; c += Vec::size()) {
-            const Vec d = Vec::loadu(row + c) - Vec::loadu(x0 + c);
-            (Vec::loadu(ts.data() + c) + d).store(ts.data() + c);
-            at::vec::fmadd(d, d, Vec::loadu(tss.data() + c)).store(tss.data() + c);
-          }
-          for (; c < C; ++c) {
-            const scalar_t d = row[c] - x0[c];
-            ts[c] += d;
-            tss[c] += d * d;
-          }
-        }
-        for (int64_t c = 0; c < C; ++c) {
-          ls[c] += ts[c];
-          lss[c] += tss[c];
-        }
-      }
-      std::lock_guard<std::mutex> lock(mu);
-      for (int64_t c = 0; c < C; ++c) {
-        s[c] += ls[c];
-        ss[c] += lss[c];
+    const int64_t first = std::min<int64_t>(M, 64);
+    for (int64_t r = 0; r < first; ++r)
+      for (int64_t c = 0; c < C; ++c) shift[c] += double(xp[r * xr.ld + c]);
+    for (int64_t c = 0; c < C; ++c) shift[c] /= double(first);
+    at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        double* ls = part.data() + 2 * C * k;
+        double* lss = ls + C;
+        // tiles of about 32 KiB of rows, summed 16 channels at a time
+        const int64_t R = std::max<int64_t>(1, 8192 / C), end = M * (k + 1) / chunks;
+        for (int64_t r = M * k / chunks; r < end; r += R)
+          stats_rows(xp, xr.ld, r, std::min(end, r + R), C, shift.data(), ls, lss);
       }
     });
-    for (int64_t c = 0; c < C; ++c) {
-      const double m = s[c] / M;
-      ss[c] = std::max(ss[c] / M - m * m, 0.0);
-      s[c] = m + static_cast<double>(x0[c]);
-    }
   });
+  for (int64_t k = 0; k < chunks; ++k) {
+    for (int64_t c = 0; c < C; ++c) {
+      s[c] += part[2 * C * k + c];
+      ss[c] += part[2 * C * k + C + c];
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const double m = s[c] / M;
+    ss[c] = std::max(ss[c] / M - m * m, 0.0);
+    s[c] = m + shift[c];
+  }
   auto dopt = at::TensorOptions().dtype(at::kDouble);
   return {at::from_blob(s.data(), {C}, dopt).to(x_in.scalar_type(), /*non_blocking=*/false, /*copy=*/true),
           at::from_blob(ss.data(), {C}, dopt).to(x_in.scalar_type(), /*non_blocking=*/false, /*copy=*/true)};
