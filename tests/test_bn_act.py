@@ -174,6 +174,25 @@ def test_large_mean_small_std_is_stable():
         assert_low_precision_ok(y, eager, ref)
 
 
+@pytest.mark.parametrize("shape", [(8, 64, 4, 4), (32, 128, 8, 8), (32, 512, 7, 7), (4, 20, 40, 40)])
+@pytest.mark.parametrize("cl", [False, True])
+def test_statistics_as_accurate_as_torch(shape, cl):
+    """float32 mean and variance within 8 ulps (relative) of float64's, also where the first
+    value of every channel in memory lies 5 standard deviations from the channel's mean.
+    (Measured: at most 2 ulps; eager BatchNorm2d's own statistics up to 11 ulps on
+    channels_last. The sums are shifted by a mean of each channel's first values: shifted by
+    the first value alone they were off by up to 190 ulps here.)"""
+    x = _x(shape, dtype=torch.float32, offset=2.0)
+    x[0, :, 0, 0] += 5
+    x = x.contiguous(memory_format=CL) if cl else x
+    mean, var = torch.ops.skipfast.bn_act_stats(x)
+    ref_var, ref_mean = torch.var_mean(x.double(), dim=(0, 2, 3), unbiased=False)
+    ulp = torch.finfo(torch.float32).eps
+    for what, got, ref in (("mean", mean, ref_mean), ("var", var, ref_var)):
+        err = ((got.double() - ref) / ref).abs().max().item()
+        assert err <= 8 * ulp, f"{what}: relative error {err:.3g} ({err / ulp:.1f} ulps)"
+
+
 def test_non_contiguous_inputs():
     x = _x((2, 6, 8, 10), dtype=torch.float32)[:, ::2, :, 1:9]
     r = _x((2, 3, 8, 8), dtype=torch.float32).transpose(2, 3)
@@ -624,18 +643,26 @@ def test_resnet_matches_torchvision(name, size):
     # Relative rule in norm: skipfast fp32's gradient error against fp64 is at most 2x
     # torchvision fp32's, over all parameters together and for the worst parameter (one
     # parameter alone is too noisy: BN over 8 values per channel amplifies rounding
-    # differences made many layers earlier).
+    # differences made many layers earlier). The running statistics likewise: the last
+    # stage's carry the rounding of every layer before them (relative error against
+    # float64 about 2e-4, torchvision's and skipfast's alike), so they are compared with
+    # float64's, not with torchvision's float32 values.
+    def assert_relative_rule(got, eager, ref):
+        def rel(g, n):
+            return ((g[n].double() - ref[n]).norm() / ref[n].norm()).item()
 
-    def rel(g, n):
-        return ((g[n].double() - g64[n]).norm() / g64[n].norm()).item()
+        flat = lambda g: torch.cat([g[n].double().flatten() for n in ref])  # noqa: E731
+        total = lambda g: ((flat(g) - flat(ref)).norm() / flat(ref).norm()).item()  # noqa: E731
+        assert total(got) <= 2 * total(eager) + 1e-6, (total(got), total(eager))
+        worst, worst_eager = max(rel(got, n) for n in ref), max(rel(eager, n) for n in ref)
+        assert worst <= 2 * worst_eager + 1e-6, (worst, worst_eager)
 
-    flat = lambda g: torch.cat([g[n].double().flatten() for n in g64])  # noqa: E731
-    total = lambda g: ((flat(g) - flat(g64)).norm() / flat(g64).norm()).item()  # noqa: E731
-    assert total(g_sf) <= 2 * total(g_tv) + 1e-6, (total(g_sf), total(g_tv))
-    worst_sf, worst_tv = max(rel(g_sf, n) for n in g64), max(rel(g_tv, n) for n in g64)
-    assert worst_sf <= 2 * worst_tv + 1e-6, (worst_sf, worst_tv)
+    assert_relative_rule(g_sf, g_tv, g64)
+    stats = [{n: b for n, b in m.named_buffers() if b.is_floating_point()} for m in (tv64, tv, sf)]
+    assert_relative_rule(stats[2], stats[1], stats[0])
     for (n, a), b in zip(sf.named_buffers(), tv.buffers()):
-        torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-4, atol=1e-4, msg=n)
+        if not a.is_floating_point():
+            assert torch.equal(a, b), n  # num_batches_tracked
     with torch.no_grad():
         ys = [m.eval()(inp) for m, inp in ((tv64, x.double()), (tv, x), (sf, x))]
     assert_low_precision_ok(ys[2], ys[1], ys[0], floor=1e-5)
