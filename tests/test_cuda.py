@@ -61,10 +61,10 @@ def _ok_network(actual, eager, ref, what="", floor=1e-4):
     """Blocks and whole networks: in training mode batch-norm gradients amplify float32
     rounding chaotically (eager's own float32 error reaches ~1%), and a folded BN rounds its
     weights once instead of normalizing after the convolution, so the relative L2 error is
-    compared: at most 5 x eager's plus `floor`. Parameter gradients get a floor of 1e-2: a
-    ReLU deciding the other way in one element of a deep layer (float32 rounding, see _ok)
-    moves a whole channel's weight gradient by up to ~1e-3 relative. Miswired kernels give
-    errors of order 1."""
+    compared: at most 5 x eager's plus `floor`. Parameter gradients (and a whole network's
+    input gradient) get a floor of 1e-2: a ReLU deciding the other way in one element of a
+    deep layer (float32 rounding, see _ok) moves a whole channel's weight gradient by up to
+    ~1e-3 relative. Miswired kernels give errors of order 1."""
     assert torch.isfinite(actual).all(), f"{what}: non-finite values"
     rel, e_rel = _rel(actual, ref), _rel(eager, ref)
     assert rel <= 5 * e_rel + floor, f"{what}: relative L2 error {rel:.3g} > 5 x eager's {e_rel:.3g} + {floor:g}"
@@ -395,7 +395,11 @@ def test_model_train_step_matches_torchvision(name, cl):
     ye, (ge,) = _grads(tv, _leaves([xe]), g.cuda())
     yf, (gf,) = _grads(sf, _leaves([xf]), g.cuda())
     _ok_network(yf.cpu(), ye.cpu(), y64, "logits")
-    _ok_network(gf.cpu(), ge.cpu(), g64, "input gradient")
+    # The input gradient passes every layer's backward: a ReLU deciding the other way in one
+    # element anywhere moves it as it moves a parameter gradient. DenseNet-121 at 64x64 in
+    # float32 on the CPU, 10 input seeds: torchvision's relative error 2e-4 to 1.5e-2,
+    # skipfast's 7e-6 to 2.2e-2, the same function to 3e-14 in float64.
+    _ok_network(gf.cpu(), ge.cpu(), g64, "input gradient", floor=1e-2)
     for (n, pf), (_, pe), (_, p64) in zip(sf.named_parameters(), tv.named_parameters(), tv64.named_parameters()):
         _ok_network(pf.grad.cpu(), pe.grad.cpu(), p64.grad, n, floor=1e-2)
     tv.eval(), sf.eval(), tv64.eval()
