@@ -3,7 +3,8 @@
 x is dense in NCHW or channels_last; it is addressed as [N, C, HW] with strides
 (sN, sC, sHW), so one kernel serves both layouts. Elementwise kernels walk the flat
 memory index i (the mask's bit index: byte i // 8, bit i % 8); reductions run one
-program per channel with fp32 shifted sums (shift = the channel's first value).
+program per channel with fp32 shifted sums (shift = the mean of the channel's first 16
+values).
 """
 from __future__ import annotations
 
@@ -25,7 +26,11 @@ def _channel_offsets(k, c, HW, sN, sC, sHW):
 @triton.jit
 def _stats_kernel(x_ptr, mean_ptr, var_ptr, NHW, HW, sN, sC, sHW, BLOCK: tl.constexpr):
     c = tl.program_id(0).to(tl.int64)
-    shift = tl.load(x_ptr + c * sC).to(tl.float32)
+    # the shift: the mean of the channel's first (up to) 16 values, close enough to the mean
+    # that E[d^2] - E[d]^2 keeps its digits (the first value alone may lie far out)
+    k = tl.arange(0, 16)
+    first = tl.load(x_ptr + _channel_offsets(k, c, HW, sN, sC, sHW), mask=k < NHW, other=0.0).to(tl.float32)
+    shift = tl.sum(first, 0) / tl.minimum(NHW, 16)
     s1 = tl.zeros([BLOCK], dtype=tl.float32)
     s2 = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, NHW, BLOCK):
