@@ -442,8 +442,15 @@ void channel_sums_nchw(const Geo& g, const Terms& t, const at::opmath_type<scala
 
 // channels_last, C a multiple of 8: adds rows [rb, re) of the kN channel groups from
 // channel j0 on into the fp32 partials acc1/acc2, their kN accumulator pairs in registers
-// across the rows (rows of a tile are few enough to stay in L1 from one tile to the next),
-// the next tile's rows prefetched (their first touch is a strided walk down the rows).
+// across the rows (rows of a tile are few enough to stay in L1 from one tile to the next).
+// Meanwhile the next tile is prefetched in memory order: the column blocks of a tile
+// together take one prefetch step per row, and step k fetches the next tile's k-th stretch
+// of kN groups, so that memory sees one sequential stream rather than a strided walk.
+// Measured (2-core EPYC, one process, variants alternated, L3 flushed before each call),
+// against prefetching the same columns of the next tile's rows: channels_last statistics
+// [16, 64, 56, 56] 0.59 -> 0.41 ms, [32, 128, 28, 28] 0.60 -> 0.42, [32, 256, 14, 14]
+// 0.30 -> 0.24; backward sums 1.14 -> 0.83, 1.04 -> 0.88, 0.56 -> 0.45; warm cache the same
+// or better. Two or three tiles ahead, or tiles of half or twice the size, were slower.
 template <int kN, typename Terms>
 inline void tile_rows(const Terms& t, int64_t C, int64_t rb, int64_t re, int64_t j0, const float* center,
                       float* acc1, float* acc2) {
@@ -453,10 +460,12 @@ inline void tile_rows(const Terms& t, int64_t C, int64_t rb, int64_t re, int64_t
     a2[u] = Vec::loadu(acc2 + j0 + u * kG);
     ctr[u] = Vec::loadu(center + j0 + u * kG);
   }
-  const int64_t ahead = (re - rb) * C;  // the same columns of the next tile's rows
+  // The blocks before j0 took j0 * (re - rb) elements of the next tile, which starts at re * C.
+  const int64_t ahead = re * C + j0 * (re - rb);
   for (int64_t r = rb; r < re; ++r) {
     const int64_t i = r * C + j0;
-    for (int u = 0; u < kN; u += 2) t.prefetch(i + ahead + u * kG);  // a 64-byte line per 2 groups
+    const int64_t next = ahead + (r - rb) * (kN * kG);
+    for (int u = 0; u < kN; u += 2) t.prefetch(next + u * kG);  // a 64-byte line per 2 groups
     for (int u = 0; u < kN; ++u) t.group(i + u * kG, kG, ctr[u], a1[u], a2[u]);
   }
   for (int u = 0; u < kN; ++u) {
