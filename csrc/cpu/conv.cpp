@@ -39,11 +39,17 @@ at::Tensor onednn_conv(const at::Tensor& x, const at::Tensor& weight, const std:
   const c10::IValue none;
   std::vector<c10::IValue> stack;
   if (residual.has_value()) {
+    // Where x is not channels_last, ATen's binary op runs convolution, then add_relu_, which
+    // has no bfloat16 kernel: there the ReLU is applied here instead.
+    const bool relu_after = relu_on && x.scalar_type() == at::kBFloat16 &&
+                            !x.is_contiguous(at::MemoryFormat::ChannelsLast);
     static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_convolution_pointwise", "binary");
     stack = {x, *residual, weight, bias.has_value() ? c10::IValue(*bias) : none, vec(padding), vec(stride),
-             vec(dilation), groups, std::string("add"), none, relu_on ? c10::IValue(std::string("relu")) : none,
+             vec(dilation), groups, std::string("add"), none,
+             relu_on && !relu_after ? c10::IValue(std::string("relu")) : none,
              c10::List<std::optional<at::Scalar>>(), none};
     op.callBoxed(&stack);
+    if (relu_after) stack.back().toTensor().relu_();
   } else {
     static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_convolution_pointwise", "");
     stack = {x, weight, bias.has_value() ? c10::IValue(*bias) : none, vec(padding), vec(stride), vec(dilation),
