@@ -174,9 +174,18 @@ def test_large_mean_small_std_is_stable():
         assert_low_precision_ok(y, eager, ref)
 
 
+def _cuda_param(shape):
+    return pytest.param("cuda", shape, marks=pytest.mark.gpu)
+
+
+# CUDA shapes: NCHW with one block per channel (7x7) or split over blocks (56x56, 61x61 in
+# scalar loads), channels_last split over row blocks (7x7, 56x56) or in one (4x4), C = 3
+# and 3721 rows in scalar loads
 @pytest.mark.parametrize("impl, shape", [("cpu", (8, 64, 4, 4)), ("cpu", (32, 128, 8, 8)), ("cpu", (32, 512, 7, 7)),
                                          ("cpu", (4, 20, 40, 40)), ("triton", (8, 64, 4, 4)),
-                                         ("triton", (4, 20, 40, 40))])
+                                         ("triton", (4, 20, 40, 40)), _cuda_param((8, 64, 4, 4)),
+                                         _cuda_param((32, 512, 7, 7)), _cuda_param((32, 64, 56, 56)),
+                                         _cuda_param((6, 3, 61, 61))])
 @pytest.mark.parametrize("cl", [False, True])
 def test_statistics_as_accurate_as_torch(impl, shape, cl, device):
     """float32 mean and variance within 8 ulps (relative) of float64's, also where the first
@@ -187,11 +196,15 @@ def test_statistics_as_accurate_as_torch(impl, shape, cl, device):
     ulps here.) Triton runs on the GPU when there is one, else under the interpreter."""
     if impl == "triton" and not skipfast._backend.has_triton():
         pytest.skip("triton is not installed")
+    if impl == "cuda" and not skipfast._backend.has_cuda_kernels():
+        pytest.skip("the extension was built without CUDA kernels")
     x = _x(shape, dtype=torch.float32, offset=2.0)
     x[0, :, 0, 0] += 5
     x = x.contiguous(memory_format=CL) if cl else x
     if impl == "cpu":
         mean, var = torch.ops.skipfast.bn_act_stats(x)
+    elif impl == "cuda":
+        mean, var = (t.cpu() for t in torch.ops.skipfast.bn_act_stats(x.cuda()))
     else:
         from skipfast.kernels import bn_act as tk
 

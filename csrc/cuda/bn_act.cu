@@ -2,9 +2,11 @@
 // mask, and the two backward passes. Math shared with the CPU kernels in csrc/bn_act.h.
 //
 // Both reductions accumulate two sums per channel, with adds and multiplies only:
-//   statistics: sum(v) and sum(v^2), v = x - pivot, the pivot being the channel's first
-//               value (shifted data, as the CPU kernels: a mean of 1e4 with std 1e-2 keeps
-//               its variance); welford_from_shifted turns them into mean and variance;
+//   statistics: sum(v) and sum(v^2), v = x - pivot, the pivot being the mean of the
+//               channel's first (up to) 16 values in memory, as the CPU and Triton kernels
+//               (shifted data: a mean of 1e4 with std 1e-2 keeps its variance; the first
+//               value alone may lie far out, and E[v^2] - E[v]^2 then loses digits);
+//               welford_from_shifted turns the sums into mean and variance;
 //   backward:   sum(g) and sum(g * (x - mean)), g = dy where the ReLU passed, else 0.
 // Where a channel's data is split over several blocks, the reduction kernel writes one pair
 // per (split, channel) to a workspace and a finalize kernel, one warp per channel, adds the
@@ -70,17 +72,47 @@ struct Raw {
   unsigned bits;
 };
 
+constexpr int kPivotValues = 16;
+
+// The statistics' shift of channel c: the mean of its first (up to) kPivotValues values in
+// memory (NCHW: the start of its first plane; channels_last: its values in the first rows),
+// added in a fixed order, so every block of a channel and its finalize get the same bits.
+template <typename scalar_t>
+struct Pivot {
+  const scalar_t* x;
+  int64_t chan_stride, step;  // value k of channel c: x[c * chan_stride + k * step]
+  int count;                  // min(kPivotValues, plane length or rows)
+
+  Pivot() : x(nullptr), chan_stride(0), step(0), count(1) {}  // the backward sums have none
+  Pivot(const at::Tensor& xc, bool cl)
+      : x(xc.const_data_ptr<scalar_t>()),
+        chan_stride(cl ? 1 : xc.size(2) * xc.size(3)),
+        step(cl ? xc.size(1) : 1),
+        count(static_cast<int>(std::min<int64_t>(kPivotValues, cl ? xc.numel() / xc.size(1) : chan_stride))) {}
+
+  __device__ float operator()(int64_t c) const {
+    const scalar_t* p = x + c * chan_stride;
+    float v[kPivotValues];
+#pragma unroll
+    for (int k = 0; k < kPivotValues; ++k) v[k] = k < count ? static_cast<float>(p[k * step]) : 0.f;  // loads in flight
+    float s = 0.f;
+#pragma unroll
+    for (int k = 0; k < kPivotValues; ++k) s += v[k];
+    return __fdiv_rn(s, static_cast<float>(count));
+  }
+};
+
 // What elements add to their channel's two sums: kGrad false for the statistics, true for
 // the backward sums.
 template <typename scalar_t, bool kGrad>
 struct Sums {
   const scalar_t* x;
-  const scalar_t* dy;    // backward
-  const uint8_t* mask;   // backward; null: no ReLU
-  const float* mean;     // backward
-  int64_t pivot_stride;  // statistics: x[c * pivot_stride] is channel c's pivot
+  const scalar_t* dy;     // backward
+  const uint8_t* mask;    // backward; null: no ReLU
+  const float* mean;      // backward
+  Pivot<scalar_t> pivot;  // statistics
 
-  __device__ float center(int64_t c) const { return kGrad ? mean[c] : static_cast<float>(x[c * pivot_stride]); }
+  __device__ float center(int64_t c) const { return kGrad ? mean[c] : pivot(c); }
 
   // Elements i .. i + V - 1 as stored (i a multiple of V, the pointers aligned to V elements).
   template <int V>
@@ -133,13 +165,12 @@ __device__ inline float2 block_sum(float2 a) {
 // What a reduction does with a channel's total (its sums over all splits).
 template <typename scalar_t>
 struct FinishStats {
-  const scalar_t* x;
-  int64_t pivot_stride;
+  Pivot<scalar_t> pivot;
   float count, eps;
   float *mean, *var, *invstd;  // invstd null: not wanted
 
   __device__ void operator()(int64_t c, float2 t) const {
-    const Welford<float> w = welford_from_shifted<float>(count, static_cast<float>(x[c * pivot_stride]), t.x, t.y);
+    const Welford<float> w = welford_from_shifted<float>(count, pivot(c), t.x, t.y);
     const float v = biased_var(w);
     mean[c] = w.mean;
     var[c] = v;
@@ -584,11 +615,9 @@ void stats_into(const at::Tensor& xc, double eps, at::Tensor& mean, at::Tensor& 
   const bool cl = layout_of(xc) == at::MemoryFormat::ChannelsLast;
   const int64_t C = xc.size(1);
   DISPATCH_CUDA_FLOATS(xc.scalar_type(), "bn_act_stats_cuda", [&] {
-    const int64_t pivot_stride = cl ? 1 : xc.size(2) * xc.size(3);
-    const scalar_t* x = xc.const_data_ptr<scalar_t>();
-    Sums<scalar_t, false> src{x, nullptr, nullptr, nullptr, pivot_stride};
-    FinishStats<scalar_t> finish{x,
-                                 pivot_stride,
+    const Pivot<scalar_t> pivot(xc, cl);
+    Sums<scalar_t, false> src{xc.const_data_ptr<scalar_t>(), nullptr, nullptr, nullptr, pivot};
+    FinishStats<scalar_t> finish{pivot,
                                  static_cast<float>(xc.numel() / C),
                                  static_cast<float>(eps),
                                  mean.mutable_data_ptr<float>(),
@@ -687,7 +716,7 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_cuda(const at::Tensor& grad_o
   auto mk = contiguous_or_undefined(mask);
   DISPATCH_CUDA_FLOATS(x.scalar_type(), "bn_act_backward_reduce_cuda", [&] {
     Sums<scalar_t, true> src{xc.const_data_ptr<scalar_t>(), gc.const_data_ptr<scalar_t>(), ptr_or_null<uint8_t>(mk),
-                             mc.const_data_ptr<float>(), 0};
+                             mc.const_data_ptr<float>(), Pivot<scalar_t>()};
     reduce_channels<scalar_t, true>(
         xc, src, FinishGrad{ic.const_data_ptr<float>(), sum_dy.mutable_data_ptr<float>(),
                             sum_dy_xhat.mutable_data_ptr<float>()});
