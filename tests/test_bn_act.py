@@ -182,6 +182,7 @@ def _cuda_param(shape):
 # scalar loads), channels_last split over row blocks (7x7, 56x56) or in one (4x4), C = 3
 # and 3721 rows in scalar loads
 @pytest.mark.parametrize("impl, shape", [("cpu", (8, 64, 4, 4)), ("cpu", (32, 128, 8, 8)), ("cpu", (32, 512, 7, 7)),
+                                         ("cpu", (5, 2048, 3, 3)),
                                          ("cpu", (4, 20, 40, 40)), ("triton", (8, 64, 4, 4)),
                                          ("triton", (4, 20, 40, 40)), _cuda_param((8, 64, 4, 4)),
                                          _cuda_param((32, 512, 7, 7)), _cuda_param((32, 64, 56, 56)),
@@ -244,13 +245,15 @@ def test_mask_is_bit_packed():
         assert no_mask.numel() == 0
 
 
-@pytest.mark.parametrize("shape", [(6, 3, 61, 61), (5, 13, 2, 3), (40, 11, 1, 1), (4, 20, 25, 25), (3, 40, 29, 31)])
+@pytest.mark.parametrize("shape", [(6, 3, 61, 61), (5, 13, 2, 3), (40, 11, 1, 1), (4, 20, 25, 25), (3, 40, 29, 31),
+                                   (3, 1032, 3, 5)])
 @pytest.mark.parametrize("cl", [False, True])
 def test_odd_shapes_across_parallel_chunks(shape, cl):
     """Shapes whose planes (NCHW) or rows (channels_last) are not multiples of 8 elements
     (mask bits at every offset, partial vector groups) and, for the larger ones, several
     parallel chunks: the mask bits, output and gradients against float64, fp32 and fp64.
-    C = 40 channels_last: reductions in tiles of 32 + 8 channels over row blocks."""
+    C = 40 channels_last: reductions in tiles of 32 + 8 channels over row blocks; C = 1032:
+    tiles of 4 rows (a tile's minimum) over 45 rows, the last tile of one row."""
     torch.manual_seed(0)
     for dtype in (torch.float32, torch.float64):
         x, r = _x(shape, dtype=dtype, cl=cl), _x(shape, dtype=dtype, cl=cl)
