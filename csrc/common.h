@@ -5,10 +5,14 @@
 
 namespace skipfast {
 
-// Layout the kernels write: channels_last when the input's channels are its innermost
-// dimension, else contiguous. skipfast/_layout.py (used by the fake kernels) has the same rule.
+// Layout the kernels write, torch's batch norm's: contiguous for a contiguous x, channels_last
+// for a dense channels_last one, otherwise torch's suggest_memory_format() (channels_last
+// when the strides are ordered as channels_last's). skipfast/_layout.py (used by the fake
+// kernels) has the same rule.
 inline at::MemoryFormat layout_of(const at::Tensor& t) {
-  if (t.dim() == 4 && t.stride(1) == 1 && !t.is_contiguous()) return at::MemoryFormat::ChannelsLast;
+  if (t.dim() != 4 || t.is_contiguous()) return at::MemoryFormat::Contiguous;
+  if (t.is_contiguous(at::MemoryFormat::ChannelsLast) || t.suggest_memory_format() == at::MemoryFormat::ChannelsLast)
+    return at::MemoryFormat::ChannelsLast;
   return at::MemoryFormat::Contiguous;
 }
 

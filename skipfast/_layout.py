@@ -1,5 +1,8 @@
-"""The memory format skipfast's kernels write: channels_last when the input's
-channels are its innermost dimension, else contiguous. The C++ kernels
+"""The memory format skipfast's kernels write, torch's batch norm's: contiguous for a
+contiguous input; channels_last for a dense channels_last one; otherwise torch's
+``Tensor.suggest_memory_format()``, channels_last when the strides are ordered as
+channels_last's (C innermost, then W, H, N) and contiguous when they are not. Where a
+size-1 dimension makes a dense tensor both, it is contiguous. The C++ kernels
 (csrc/common.h ``layout_of``) and the fake kernels use the same rule, so a compiled
 graph sees the strides the kernels produce."""
 from __future__ import annotations
@@ -7,8 +10,26 @@ from __future__ import annotations
 import torch
 
 
+def _strides_like_channels_last(sizes, strides) -> bool:
+    """c10's is_channels_last_strides_2d: strides that do not decrease in the order C, W,
+    H, N, each at least the extent of the one before, with torch's tie-breaks for size-1
+    dimensions (N111 and the like stay contiguous)."""
+    if strides[1] == 0:
+        return False
+    least = 0
+    for d in (1, 3, 2, 0):
+        if sizes[d] == 0 or strides[d] < least:
+            return False
+        if d == 0 and least == strides[1]:
+            return False
+        least = strides[d] * sizes[d] if sizes[d] > 1 else strides[d]
+    return True
+
+
 def layout_of(t: torch.Tensor) -> torch.memory_format:
-    if t.dim() == 4 and t.stride(1) == 1 and not t.is_contiguous():
+    if t.dim() != 4 or t.is_contiguous():
+        return torch.contiguous_format
+    if t.is_contiguous(memory_format=torch.channels_last) or _strides_like_channels_last(t.shape, t.stride()):
         return torch.channels_last
     return torch.contiguous_format
 
