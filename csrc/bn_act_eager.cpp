@@ -291,12 +291,18 @@ std::string py_shape(at::IntArrayRef s) {
   return o.str();
 }
 
+// torch's batch norm takes per-channel tensors of x's dtype, or float32 ones for a float16
+// or bfloat16 x.
+bool half_or_bf16(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+bool param_dtype_ok(at::ScalarType x, at::ScalarType p) { return p == x || (half_or_bf16(x) && p == at::kFloat); }
+
 void check_module_args(const Tensor& x, const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
                        const OptTensor& running_var, const OptTensor& residual, bool training) {
   TORCH_CHECK_TYPE(x.is_floating_point(), kOp, ": x must be a floating-point tensor, got dtype ",
                    py_dtype(x.scalar_type()));
   TORCH_CHECK_VALUE(x.dim() == 4, kOp, ": x must be 4-D, got ", x.dim(), "-D tensor of shape ", py_shape(x.sizes()));
   const int64_t C = x.size(1);
+  const Tensor* param = nullptr;  // the first one given
   for (const auto& [name, t] : {std::pair{"weight", bn_act::opt(weight)}, std::pair{"bias", bn_act::opt(bias)},
                                 std::pair{"running_mean", bn_act::opt(running_mean)},
                                 std::pair{"running_var", bn_act::opt(running_var)}}) {
@@ -309,6 +315,13 @@ void check_module_args(const Tensor& x, const OptTensor& weight, const OptTensor
                       py_shape(t->sizes()));
     TORCH_CHECK_VALUE(t->device() == x.device(), kOp, ": ", name, " must be on the device of x (", x.device(),
                       "), got ", t->device());
+    TORCH_CHECK_TYPE(param_dtype_ok(x.scalar_type(), t->scalar_type()), kOp, ": ", name, " must have the dtype of x (",
+                     py_dtype(x.scalar_type()), ")", half_or_bf16(x.scalar_type()) ? " or float32" : "",
+                     ", as torch's batch norm requires, got ", py_dtype(t->scalar_type()));
+    if (param == nullptr) param = t;
+    TORCH_CHECK_TYPE(t->scalar_type() == param->scalar_type(), kOp,
+                     ": weight, bias, running_mean and running_var must share one dtype, as torch's batch norm requires, "
+                     "got ", py_dtype(param->scalar_type()), " and ", py_dtype(t->scalar_type()));
   }
   TORCH_CHECK_VALUE(bool(bn_act::opt(running_mean)) == bool(bn_act::opt(running_var)), kOp,
                     ": running_mean and running_var must both be tensors or both be None");

@@ -516,6 +516,14 @@ def _bad_cases():
     yield dict(x=torch.ones(2, 3, 4, 4, dtype=torch.int64)), TypeError, "x must be a floating"
     yield dict(x=torch.randn(2, 3, 4)), ValueError, "x must be 4-D"
     yield dict(x=x, activation="gelu"), ValueError, "activation must be 'relu' or None"
+    # per-channel dtypes torch's batch norm rejects too (float32 ones pass for a half x)
+    yield dict(x=x.double()), TypeError, r"weight must have the dtype of x \(torch.float64\), as torch"
+    yield dict(x=x, running_mean=torch.zeros(3, dtype=torch.float64)), TypeError, "running_mean must have the dtype"
+    yield (dict(x=x.bfloat16(), weight=torch.ones(3, dtype=torch.float16)), TypeError,
+           r"weight must have the dtype of x \(torch.bfloat16\) or float32")
+    yield (dict(x=x.half(), bias=torch.zeros(3, dtype=torch.float16)), TypeError,
+           "weight, bias, running_mean and running_var must share one dtype, as torch.s batch norm requires, got "
+           "torch.float32 and torch.float16")
 
 
 @pytest.mark.parametrize("case, err, match", list(_bad_cases()))
@@ -537,6 +545,8 @@ def test_bad_inputs_leave_state_unchanged(case, err, match):
 def test_module_bad_input_leaves_buffers_unchanged():
     mod = skipfast.BatchNormAct2d(3)
     state = {k: v.clone() for k, v in mod.state_dict().items()}
+    with pytest.raises(TypeError, match=r"weight must have the dtype of x \(torch.float64\)"):
+        mod(torch.randn(2, 3, 4, 4, dtype=torch.float64))  # torch: "mixed dtype (CPU)"
     with pytest.raises(ValueError, match="residual must have the shape"):
         mod(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 5))
     with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
@@ -547,6 +557,45 @@ def test_module_bad_input_leaves_buffers_unchanged():
         skipfast.BatchNormAct2d(3, activation="tanh")
     for k, v in mod.state_dict().items():
         assert torch.equal(v, state[k]), k
+
+
+def _stride_cases():
+    """x of torch-ambiguous or non-dense strides, with the memory format torch's batch norm
+    writes for it (its output strides are compared, not this name)."""
+    cl = torch.channels_last
+    yield "permuted, C innermost", torch.randn(5, 6, 2, 4).permute(2, 3, 0, 1)  # torch: contiguous
+    yield "channels_last, every other channel", torch.randn(2, 8, 4, 5).contiguous(memory_format=cl)[:, ::2]
+    yield "channels_last, every other row", torch.randn(2, 8, 4, 5).contiguous(memory_format=cl)[:, :, ::2]
+    yield "channels_last, size-1 W", torch.randn(2, 4, 4, 3).contiguous(memory_format=cl)[..., :1]
+    yield "H and W transposed", torch.randn(2, 3, 4, 5).transpose(2, 3)
+    yield "N1HW", torch.randn(2, 1, 4, 4)
+    yield "NC11 channels_last", torch.randn(2, 3, 1, 1).contiguous(memory_format=cl)
+    yield "1C1W from a permute", torch.randn(1, 3, 5, 1).permute(0, 1, 3, 2)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("name, x", list(_stride_cases()), ids=lambda v: v if isinstance(v, str) else "")
+def test_output_strides_match_torch(name, x, training):
+    """The output has the strides torch's batch norm gives this x (its format rule: contiguous
+    x, dense channels_last x, else suggest_memory_format), in eager and in the fake kernels
+    a compiled graph is traced with; values as torch's."""
+    torch.manual_seed(0)
+    C = x.shape[1]
+    ref_bn = torch.nn.BatchNorm2d(C).train(training)
+    ref_bn.running_var.uniform_(0.5, 2)
+    mod = skipfast.BatchNormAct2d(C).train(training)
+    mod.load_state_dict(ref_bn.state_dict())
+    want = torch.relu(ref_bn(x))
+    got = mod(x)
+    assert got.stride() == want.stride(), name
+    assert_close_fp32(got, want, rtol=1e-5, atol=1e-5)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = mode.from_tensor(x)
+        stats = (None, None) if training else (mod.running_mean, mod.running_var)
+        out = skipfast.ops.batch_norm_act(fake, mod.weight, mod.bias, *stats, training=training)
+        assert out.stride() == want.stride(), name
 
 
 def test_module_with_pruned_weight_matches_torch():

@@ -92,6 +92,18 @@ def _channel_vector(name: str, t, x: torch.Tensor) -> None:
         raise ValueError(f"{OP}: {name} must be on the device of x ({x.device}), got {t.device}")
 
 
+def _param_dtype(name: str, t: torch.Tensor, x: torch.Tensor, first) -> None:
+    """torch's batch norm takes per-channel tensors of one dtype, x's, or float32 for a
+    float16 or bfloat16 x."""
+    if t.dtype != x.dtype and not (t.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)):
+        also = " or float32" if x.dtype in (torch.float16, torch.bfloat16) else ""
+        raise TypeError(f"{OP}: {name} must have the dtype of x ({x.dtype}){also}, as torch's batch norm requires, "
+                        f"got {t.dtype}")
+    if first is not None and t.dtype != first.dtype:
+        raise TypeError(f"{OP}: weight, bias, running_mean and running_var must share one dtype, as torch's batch "
+                        f"norm requires, got {first.dtype} and {t.dtype}")
+
+
 def _validate(x, weight, bias, running_mean, running_var, training, momentum, eps, residual, activation):
     _checks.tensor(OP, "x", x, dims=4)
     if activation not in ACTIVATIONS:
@@ -102,11 +114,16 @@ def _validate(x, weight, bias, running_mean, running_var, training, momentum, ep
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise TypeError(f"{OP}: {name} must be a float, got {type(v).__name__}")
     C, device = x.shape[1], x.device
+    first = None  # the first per-channel tensor given
     for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        if t is None:
+            continue
         # one cheap test for the valid case; _channel_vector then names what is wrong
-        if t is not None and not (isinstance(t, torch.Tensor) and t.dim() == 1 and t.shape[0] == C
-                                  and t.is_floating_point() and t.device == device):
+        if not (isinstance(t, torch.Tensor) and t.dim() == 1 and t.shape[0] == C and t.is_floating_point()
+                and t.device == device):
             _channel_vector(name, t, x)
+        _param_dtype(name, t, x, first)
+        first = first if first is not None else t
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{OP}: running_mean and running_var must both be tensors or both be None")
     if not training and running_mean is None:
