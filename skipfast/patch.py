@@ -6,8 +6,11 @@ Two ways, tried in this order:
    ``conv -> BN (-> + residual) (-> ReLU)`` and ``BN (-> + residual) -> ReLU`` chain into
    one skipfast call, whatever the classes are named and however the model writes the add
    (``out += identity``, ``out = out + identity``, ``torch.add``) and the ReLU (``nn.ReLU``,
-   ``F.relu``, ``torch.relu``, ``.relu()``). The result is a ``torch.fx.GraphModule`` that
-   shares the model's parameters and buffers under the same state_dict keys.
+   ``F.relu``, ``torch.relu``, ``.relu()``). An in-place add into the other tensor
+   (``identity += out``) is left to the model, and so, at run time, is a residual that
+   broadcasts or has another dtype or device than the BN's output. The result is a
+   ``torch.fx.GraphModule`` that shares the model's parameters and buffers under the same
+   state_dict keys.
 2. Class swap, for models fx cannot trace: torchvision ``BasicBlock`` / ``Bottleneck`` are
    replaced in place by skipfast's ``ResidualBlock`` / ``BottleneckBlock`` holding the same
    parameter and buffer tensors.
@@ -60,12 +63,13 @@ class ConvBNAct(nn.Module):
     patching runs as itself, unfused; a conv with them is called, not folded. (patch leaves
     a BN that has them at patch time unfused.)"""
 
-    def __init__(self, conv: nn.Conv2d | None, bn: nn.BatchNorm2d, activation: str | None):
+    def __init__(self, conv: nn.Conv2d | None, bn: nn.BatchNorm2d, activation: str | None, add_inplace: bool = False):
         super().__init__()
         object.__setattr__(self, "conv", conv)
         object.__setattr__(self, "bn", bn)
         object.__setattr__(self, "_bn_act", BatchNormAct2d.shared_from(bn, activation))
         self.activation = activation
+        self.add_inplace = add_inplace  # the model's add was `out += residual`
         self._fold = FoldedConvBN()
 
     def _fused_bn(self) -> BatchNormAct2d:
@@ -83,19 +87,39 @@ class ConvBNAct(nn.Module):
                 setattr(view, name, t)
         return view
 
+    def _unfused(self, y: torch.Tensor, residual) -> torch.Tensor:
+        """The model's own ops on the conv's output y."""
+        y = self.bn(y)
+        if residual is not None:
+            y = y.add_(residual) if self.add_inplace else y + residual
+        return torch.relu(y) if self.activation == "relu" else y
+
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if not reads_directly(self.bn):  # e.g. pruned or parametrized after patching
-            y = self.bn(x if self.conv is None else self.conv(x))
-            y = y if residual is None else y + residual
-            return torch.relu(y) if self.activation == "relu" else y
+            return self._unfused(x if self.conv is None else self.conv(x), residual)
         if self.conv is None:
-            return self._fused_bn()(x, residual)
-        if can_fold(self.conv, self.bn, x):
+            return self._fused_bn()(x, residual) if _fits(residual, x, x.shape) else self._unfused(x, residual)
+        if can_fold(self.conv, self.bn, x) and (residual is None or _fits(residual, x, _conv_out_shape(self.conv, x))):
             return self._fold(self.conv, self.bn, x, residual, self.activation)
-        return self._fused_bn()(self.conv(x), residual)
+        y = self.conv(x)
+        return self._fused_bn()(y, residual) if _fits(residual, y, y.shape) else self._unfused(y, residual)
 
     def extra_repr(self) -> str:
         return f"conv={self.conv is not None}, activation={self.activation!r}"
+
+
+def _fits(residual, y: torch.Tensor, shape) -> bool:
+    """Whether the fused ops take `residual` for an output `y` of `shape`: none, or a tensor
+    of that shape with y's dtype and device. Any other (one that broadcasts or promotes, a
+    number) runs the model's own add."""
+    return residual is None or (isinstance(residual, torch.Tensor) and residual.shape == shape
+                                and residual.dtype == y.dtype and residual.device == y.device)
+
+
+def _conv_out_shape(conv: nn.Conv2d, x: torch.Tensor) -> tuple:
+    spatial = ((size + 2 * conv.padding[d] - conv.dilation[d] * (conv.kernel_size[d] - 1) - 1) // conv.stride[d] + 1
+               for d, size in enumerate(x.shape[-2:]))
+    return (*x.shape[:-3], conv.out_channels, *spatial)
 
 
 # ---------------------------------------------------------------- fx path
@@ -120,18 +144,21 @@ def _is_relu(gm, node) -> bool:
 
 
 def _residual_of(node, operand):
-    """The other operand if `node` adds `operand` to another tensor, else None."""
+    """(the other operand, whether the add is in place) if `node` adds `operand` to another
+    tensor, else None. An in-place add counts only where it writes into `operand`
+    (``out += identity``): one into the other tensor (``identity += out``) changes a tensor
+    the model may read again."""
     if node.op == "call_function" and node.target in _ADD_FUNCS and not node.kwargs.get("alpha"):
-        args = node.args
+        inplace = node.target is operator.iadd
     elif node.op == "call_method" and node.target in ("add", "add_") and not node.kwargs.get("alpha"):
-        args = node.args
+        inplace = node.target == "add_"
     else:
         return None
-    if len(args) != 2 or node.kwargs.keys() - {"alpha"}:
+    if len(node.args) != 2 or node.kwargs.keys() - {"alpha"}:
         return None
-    a, b = args
-    other = b if a is operand else a if b is operand else None
-    return other if isinstance(other, fx.Node) and other is not operand else None
+    a, b = node.args
+    other = b if a is operand else a if b is operand and not inplace else None
+    return (other, inplace) if isinstance(other, fx.Node) and other is not operand else None
 
 
 def _only_user(node):
@@ -148,11 +175,11 @@ def _rewrite(gm: fx.GraphModule) -> list[str]:
         conv = _module(gm, src, (nn.Conv2d,)) if isinstance(src, fx.Node) else None
         if conv is not None and (len(src.users) != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str)):
             conv = None
-        chain, last, residual, act = [node], node, None, None
+        chain, last, residual, act, inplace = [node], node, None, None, False
         user = _only_user(last)
-        if user is not None and (r := _residual_of(user, last)) is not None:
+        if user is not None and (found := _residual_of(user, last)) is not None:
             chain.append(user)
-            last, residual = user, r
+            last, (residual, inplace) = user, found
             user = _only_user(last)
         if user is not None and _is_relu(gm, user):
             chain.append(user)
@@ -160,7 +187,7 @@ def _rewrite(gm: fx.GraphModule) -> list[str]:
         if conv is None and act is None:
             continue
         name = f"skipfast_fused_{len(replaced)}"
-        gm.add_submodule(name, ConvBNAct(conv, bn, act))
+        gm.add_submodule(name, ConvBNAct(conv, bn, act, inplace))
         with gm.graph.inserting_before(last):
             x = src.args[0] if conv is not None else src
             new = gm.graph.call_module(name, (x, residual) if residual is not None else (x,))

@@ -213,3 +213,74 @@ def test_class_swap_leaves_blocks_with_pruned_modules():
     assert rep.path == "none" and type(patched.block) is torchvision.models.resnet.BasicBlock
     x = torch.rand(2, 8, 6, 6)
     _check_equivalent(ref, patched, x)
+
+
+class _OddResidual(nn.Module):
+    """conv -> BN -> + r -> ReLU where r broadcasts (a per-channel tensor) or has another
+    dtype: torch broadcasts and promotes; the fused ops take neither."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.register_buffer("shift", torch.randn(4, 1, 1))
+
+    def forward(self, x):
+        r = self.shift if self.kind == "broadcast" else x.double()
+        y = self.bn(self.conv(x)) + r  # conv + BN + add + ReLU
+        z = self.bn2(x)
+        z += r  # BN + in-place add + ReLU, no conv: z keeps its dtype
+        return torch.relu(y) + torch.relu(z)
+
+
+@pytest.mark.parametrize("kind", ["broadcast", "dtype"])
+def test_residual_that_broadcasts_or_promotes_runs_the_models_add(kind):
+    torch.manual_seed(0)
+    orig = _OddResidual(kind)
+    _randomize_bn(orig)
+    ref = copy.deepcopy(orig)
+    patched, rep = skipfast.patch(orig, report=True)
+    assert rep.path == "fx" and len(rep.replaced) == 2, rep
+    x = torch.randn(2, 4, 5, 5)
+    for training in (False, True):
+        ref.train(training), patched.train(training)
+        want, got = ref(x), patched(x)
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    bufs = dict(patched.named_buffers())
+    for name, buf in ref.named_buffers():
+        if name.startswith("bn"):  # running statistics updated alike
+            torch.testing.assert_close(bufs[name], buf)
+
+
+class _AddIntoResidual(nn.Module):
+    """`r.add_(bn(conv(x)))` writes into r, which the model also returns under another name.
+    (fx records `r += ...` on a traced tensor as an out-of-place add; a method call stays in
+    place.)"""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        r = x * 2
+        alias = r
+        r.add_(self.bn(self.conv(x)))
+        return torch.relu(r), alias
+
+
+def test_inplace_add_into_the_residual_is_not_fused_away():
+    torch.manual_seed(0)
+    orig = _AddIntoResidual()
+    _randomize_bn(orig)
+    ref = copy.deepcopy(orig)
+    patched, rep = skipfast.patch(orig, report=True)
+    assert rep.replaced == ["conv -> bn"], rep  # the add and the ReLU stay the model's
+    x = torch.randn(2, 4, 5, 5)
+    for training in (False, True):
+        ref.train(training), patched.train(training)
+        for got, want in zip(patched(x), ref(x)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
