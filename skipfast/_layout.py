@@ -4,7 +4,8 @@ contiguous input; channels_last for a dense channels_last one; otherwise torch's
 channels_last's (C innermost, then W, H, N) and contiguous when they are not. Where a
 size-1 dimension makes a dense tensor both, it is contiguous. The C++ kernels
 (csrc/common.h ``layout_of``) and the fake kernels use the same rule, so a compiled
-graph sees the strides the kernels produce."""
+graph sees the strides the kernels produce. Also the shape a 2-D convolution writes, for
+the checks, the fake kernels and the launchers alike."""
 from __future__ import annotations
 
 import torch
@@ -37,3 +38,12 @@ def layout_of(t: torch.Tensor) -> torch.memory_format:
 def empty_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A new dense tensor shaped like `t` in layout_of(t)."""
     return torch.empty_like(t, dtype=dtype, memory_format=layout_of(t))
+
+
+def conv_output_shape(x_shape, weight_shape, stride, padding, dilation) -> tuple:
+    """[N, K, P, Q] of a convolution of x [N, C, H, W] with weight [K, C/groups, R, S]
+    (stride, padding, dilation: pairs), as torch's conv2d."""
+    n, _, h, w = x_shape
+    k, _, r, s = weight_shape
+    return (n, k, *((size + 2 * padding[d] - dilation[d] * (kernel - 1) - 1) // stride[d] + 1
+                    for d, (size, kernel) in enumerate(((h, r), (w, s)))))

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ._layout import conv_output_shape
 from .fold import FoldedConvBN, can_fold, reads_directly
 from .nn.batchnorm import BatchNormAct2d
 
@@ -99,9 +100,11 @@ class ConvBNAct(nn.Module):
             return self._unfused(x if self.conv is None else self.conv(x), residual)
         if self.conv is None:
             return self._fused_bn()(x, residual) if _fits(residual, x, x.shape) else self._unfused(x, residual)
-        if can_fold(self.conv, self.bn, x) and (residual is None or _fits(residual, x, _conv_out_shape(self.conv, x))):
-            return self._fold(self.conv, self.bn, x, residual, self.activation)
-        y = self.conv(x)
+        conv = self.conv
+        if can_fold(conv, self.bn, x) and (residual is None or _fits(
+                residual, x, conv_output_shape(x.shape, conv.weight.shape, conv.stride, conv.padding, conv.dilation))):
+            return self._fold(conv, self.bn, x, residual, self.activation)
+        y = conv(x)
         return self._fused_bn()(y, residual) if _fits(residual, y, y.shape) else self._unfused(y, residual)
 
     def extra_repr(self) -> str:
@@ -114,12 +117,6 @@ def _fits(residual, y: torch.Tensor, shape) -> bool:
     number) runs the model's own add."""
     return residual is None or (isinstance(residual, torch.Tensor) and residual.shape == shape
                                 and residual.dtype == y.dtype and residual.device == y.device)
-
-
-def _conv_out_shape(conv: nn.Conv2d, x: torch.Tensor) -> tuple:
-    spatial = ((size + 2 * conv.padding[d] - conv.dilation[d] * (conv.kernel_size[d] - 1) - 1) // conv.stride[d] + 1
-               for d, size in enumerate(x.shape[-2:]))
-    return (*x.shape[:-3], conv.out_channels, *spatial)
 
 
 # ---------------------------------------------------------------- fx path

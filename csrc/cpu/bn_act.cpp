@@ -477,8 +477,8 @@ inline void tile_rows(const Terms& t, int64_t C, int64_t rb, int64_t re, int64_t
 // channels_last: each thread sums its own rows into per-channel fp32 accumulators, folded
 // into per-thread double arrays after each block of rows; the threads' arrays are added at
 // the end. With C a multiple of 8 a block is walked in tiles (tile_rows: 8 KB worth of
-// rows and at least 4, up to 32 channels at a time, accumulators in registers); otherwise row by row, the
-// accumulators loaded and stored per group.
+// rows and at least 4, up to 32 channels at a time, accumulators in registers); otherwise
+// row by row, the accumulators loaded and stored per group.
 template <typename scalar_t, typename Terms>
 void channel_sums_cl(const Geo& g, const Terms& t, const at::opmath_type<scalar_t>* center, double* out1,
                      double* out2) {

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._layout import layout_of
+from .._layout import conv_output_shape, layout_of
 from ._launch import no_wrap
 
 if os.environ.get("TRITON_INTERPRET") == "1":
@@ -82,17 +82,9 @@ def _conv_kernel(
     tl.store(y_ptr + y_off[:, None] + rn[None, :] * syk, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def output_size(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> tuple[int, int, int, int]:
-    n, _, h, w = x.shape
-    k, _, r, s = weight.shape
-    p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
-    q = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
-    return n, k, p, q
-
-
 def conv2d_bias_act(x, weight, bias, stride, padding, dilation, residual, relu: bool, *, wrap=no_wrap) -> torch.Tensor:
     """Launch the fused convolution (groups=1). Output in layout_of(x)."""
-    n, k, p, q = output_size(x, weight, stride, padding, dilation)
+    n, k, p, q = conv_output_shape(x.shape, weight.shape, stride, padding, dilation)
     y = torch.empty((n, k, p, q), device=x.device, dtype=x.dtype, memory_format=layout_of(x))
     if y.numel() == 0:
         return y

@@ -95,10 +95,10 @@ def _channel_vector(name: str, t, x: torch.Tensor) -> None:
 def _param_dtype(name: str, t: torch.Tensor, x: torch.Tensor, first) -> None:
     """torch's batch norm takes per-channel tensors of one dtype, x's, or float32 for a
     float16 or bfloat16 x."""
-    if t.dtype != x.dtype and not (t.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)):
-        also = " or float32" if x.dtype in (torch.float16, torch.bfloat16) else ""
-        raise TypeError(f"{OP}: {name} must have the dtype of x ({x.dtype}){also}, as torch's batch norm requires, "
-                        f"got {t.dtype}")
+    half = x.dtype in (torch.float16, torch.bfloat16)
+    if t.dtype != x.dtype and not (half and t.dtype == torch.float32):
+        raise TypeError(f"{OP}: {name} must have the dtype of x ({x.dtype}){' or float32' if half else ''}, as torch's "
+                        f"batch norm requires, got {t.dtype}")
     if first is not None and t.dtype != first.dtype:
         raise TypeError(f"{OP}: weight, bias, running_mean and running_var must share one dtype, as torch's batch "
                         f"norm requires, got {first.dtype} and {t.dtype}")

@@ -62,10 +62,7 @@ def _validate(x, weight, bias, stride, padding, dilation, groups, residual, acti
     if activation not in ("relu", None):
         raise ValueError(f"{OP}: activation must be 'relu' or None, got {activation!r}")
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
-    n, _, h, w = x.shape
-    out = [n, weight.shape[0]] + [
-        (size + 2 * padding[d] - dilation[d] * (weight.shape[2 + d] - 1) - 1) // stride[d] + 1 for d, size in enumerate((h, w))
-    ]
+    out = list(_layout.conv_output_shape(x.shape, weight.shape, stride, padding, dilation))
     if min(out[2:]) <= 0:
         raise ValueError(f"{OP}: the kernel {tuple(weight.shape[2:])} does not fit x {tuple(x.shape)} with padding {padding}")
     if residual is not None:
@@ -174,11 +171,7 @@ if _backend.has_extension():
 
     @torch.library.register_fake("skipfast::conv2d_bias_act")
     def _(x, weight, bias, stride, padding, dilation, groups, residual, activation):
-        n, _, h, w = x.shape
-        sizes = [n, weight.shape[0]] + [
-            (size + 2 * padding[d] - dilation[d] * (weight.shape[2 + d] - 1) - 1) // stride[d] + 1
-            for d, size in enumerate((h, w))
-        ]
+        sizes = _layout.conv_output_shape(x.shape, weight.shape, stride, padding, dilation)
         return x.new_empty(sizes).contiguous(memory_format=_layout.layout_of(x))
 
 
